@@ -1,0 +1,35 @@
+# caspec: the two commands a newcomer runs are `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.caspec-installed
+
+.PHONY: setup demo test bench schema clean
+
+setup: $(STAMP)
+
+# One venv with the pinned stack (constraints.txt pins every transitive version for reproducible runs).
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+# The main job on the embedded model: generate -> SDEdit -> pause for review -> approve -> go on.
+demo: setup
+	rc=0; $(BIN)/caspec run specs/demo.yaml || rc=$$?; test $$rc -eq 3 -o $$rc -eq 0  # 3: paused for review
+	$(BIN)/caspec review specs/demo.yaml --step picks --keep s0-p0-c0 s0-p1-c1
+	$(BIN)/caspec run specs/demo.yaml
+	$(BIN)/caspec plan specs/demo.yaml
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/overhead.py
+
+schema: setup
+	$(BIN)/caspec schema > caspec/spec/spec.schema.json
+
+clean:
+	rm -rf specs/.caspec specs/out specs/reviews

@@ -1,0 +1,230 @@
+"""The `caspec` command line: thin click commands over the load / plan / execute API.
+
+Data goes to stdout (plan tables, JSON, schema); logs, progress and errors go to stderr.
+Exit codes: 0 done, 1 a step failed, 2 bad spec or usage, 3 stopped at a review gate, 130 interrupted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from . import __version__
+from .errors import EXIT_INTERRUPTED, CaspecError, UsageError
+
+
+def _err(text: str) -> None:
+    click.echo(text, err=True)
+
+
+def _guard(fn: Callable[..., int | None]) -> Callable[..., None]:
+    """Turn caspec errors into rendered messages and exit codes; never show a traceback for them."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            code = fn(*args, **kwargs) or 0
+        except CaspecError as exc:
+            _err(exc.render())
+            code = exc.exit_code
+        except KeyboardInterrupt:
+            _err("interrupted: finished steps are kept in the store; unfinished ones left nothing behind")
+            code = EXIT_INTERRUPTED
+        sys.exit(code)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+def _store_for(loaded: Any | None, store: str | None) -> Any:
+    from .store import open_store
+
+    path = store or os.environ.get("CASPEC_STORE")
+    if path:
+        return open_store(Path(path))
+    if loaded is None:
+        return open_store(Path(".caspec"))
+    return open_store(loaded.dir / ".caspec")
+
+
+def _load(spec: str) -> Any:
+    from .spec.load import load_spec
+
+    return load_spec(spec)
+
+
+store_option = click.option("--store", metavar="DIR", help="Store directory (default: `.caspec/` beside the spec; env CASPEC_STORE).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="caspec")
+def main() -> None:
+    """caspec: Concept Assets from a YAML spec, as a cached DAG of steps.
+
+    \b
+    Exit codes: 0 done, 1 a step failed, 2 bad spec or usage,
+                3 stopped at a review gate, 130 interrupted.
+    """
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@store_option
+@click.option("--only", multiple=True, metavar="STEP", help="Run only this step (its upstream must be cached). Repeatable.")
+@click.option("--until", multiple=True, metavar="STEP", help="Run this step and everything it needs. Repeatable.")
+@click.option("--force", multiple=True, metavar="STEP", help="Run this step even if cached. Repeatable.")
+@click.option("--dry-run", is_flag=True, help="Show what would run; write nothing.")
+@_guard
+def run(spec: str, store: str | None, only: tuple[str, ...], until: tuple[str, ...], force: tuple[str, ...],
+        dry_run: bool) -> int:
+    """Run SPEC: execute every step that is not cached, in dependency order."""
+    from .exec.progress import RichReporter
+    from .exec.runner import run as run_spec
+
+    loaded = _load(spec)
+    summary = run_spec(loaded, _store_for(loaded, store), only=only, until=until, force=force,
+                       dry_run=dry_run, reporter=RichReporter())
+    _report_run(summary, loaded, dry_run)
+    return summary.exit_code
+
+
+def _report_run(summary: Any, loaded: Any, dry_run: bool) -> None:
+    counts: dict[str, int] = {}
+    for outcome in summary.outcomes.values():
+        counts[outcome.status] = counts.get(outcome.status, 0) + 1
+    tally = ", ".join(f"{n} {s}" for s, n in counts.items()) or "nothing to do"
+    for outcome in summary.by_status("failed"):
+        _err(f"error: step `{outcome.id}` failed: {outcome.message}")
+        if outcome.hint:
+            _err(f"hint: {outcome.hint}")
+    for outcome in summary.by_status("awaiting-review"):
+        _err(f"review: {outcome.message}")
+        if outcome.hint:
+            _err(f"hint: {outcome.hint}")
+    if dry_run:
+        _err(f"dry run: {tally}")
+    else:
+        out = os.path.relpath(loaded.dir / "out" / loaded.name)
+        _err(f"{'done' if summary.exit_code == 0 else 'stopped'}: {tally}; outputs in `{out}/`")
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@store_option
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (a list of steps).")
+@_guard
+def plan(spec: str, store: str | None, as_json: bool) -> int:
+    """Show each step of SPEC: key, status (cached, run, awaiting-review, blocked) and why."""
+    from .plan.graph import make_plan
+
+    loaded = _load(spec)
+    the_plan = make_plan(loaded, _store_for(loaded, store))
+    if as_json:
+        click.echo(json.dumps([n.to_json() for n in the_plan.order()], indent=2))
+    else:
+        _print_plan(the_plan)
+    return 0
+
+
+def _print_plan(the_plan: Any) -> None:
+    rows = [("STEP", "KIND", "KEY", "STATUS", "WHY")]
+    rows += [(n.id, n.kind, n.short_key, n.status, "; ".join(n.reasons)) for n in the_plan.order()]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + ("  " + r[4] if r[4] else ""))
+
+
+@main.command()
+@click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@_guard
+def validate(specs: tuple[str, ...]) -> int:
+    """Check SPECS for errors without running anything."""
+    from .errors import SpecError
+
+    failed = 0
+    for spec in specs:
+        try:
+            _load(spec)
+            click.echo(f"{spec}: ok")
+        except SpecError as exc:
+            _err(exc.render())
+            failed += 1
+    return 2 if failed else 0
+
+
+@main.command()
+@_guard
+def schema() -> int:
+    """Print the spec's JSON Schema (for editor autocompletion)."""
+    from .spec.schema import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2, sort_keys=True))
+    return 0
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--step", "step_id", required=True, metavar="STEP", help="The select step to review.")
+@click.option("--keep", multiple=True, metavar="ID", help="Mark candidates kept: ids, digest prefixes, or `all`. Repeatable; several per flag allowed.")
+@click.option("--reject", multiple=True, metavar="ID", help="Mark candidates not kept. Repeatable.")
+@click.option("--reset", is_flag=True, help="Start the review afresh from the current candidates.")
+@store_option
+@_guard
+def review(spec: str, step_id: str, keep: tuple[str, ...], reject: tuple[str, ...], reset: bool,
+           store: str | None) -> int:
+    """Review the candidates of a select step from a script: keep or reject them by id."""
+    from .review.cli import review_step
+
+    loaded = _load(spec)
+    return review_step(loaded, _store_for(loaded, store), step_id, keep=_split(keep), reject=_split(reject),
+                       reset=reset, spec_arg=spec)
+
+
+def _split(values: tuple[str, ...]) -> list[str]:
+    return [v for value in values for v in value.replace(",", " ").split()]
+
+
+@main.command()
+@click.argument("spec", required=False, type=click.Path(dir_okay=False))
+@store_option
+@_guard
+def status(spec: str | None, store: str | None) -> int:
+    """Summarize the store; with SPEC, also the status of each of its steps."""
+    from .store.report import store_summary
+
+    loaded = _load(spec) if spec else None
+    the_store = _store_for(loaded, store)
+    click.echo(store_summary(the_store))
+    if loaded is not None:
+        from .plan.graph import make_plan
+
+        click.echo("")
+        _print_plan(make_plan(loaded, the_store))
+    return 0
+
+
+@main.command()
+@click.argument("specs", nargs=-1, type=click.Path(dir_okay=False))
+@store_option
+@click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
+@_guard
+def gc(specs: tuple[str, ...], store: str | None, dry_run: bool) -> int:
+    """Remove store entries that no current spec needs; print the bytes freed.
+
+    Kept: every step of the current version of SPECS and of every spec that ran on this store
+    and still exists on disk.
+    """
+    from .store.report import collect_garbage
+
+    loaded = [_load(s) for s in specs]
+    the_store = _store_for(loaded[0] if loaded else None, store)
+    click.echo(collect_garbage(the_store, loaded, dry_run=dry_run))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

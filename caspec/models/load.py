@@ -1,0 +1,353 @@
+"""Which weights a spec means (``model_identity``) and loading them (``load_pipeline``).
+
+A model is one of:
+
+* ``tiny``: the embedded model built from fixed seeds (:mod:`caspec.models.tiny`);
+* a local diffusers folder (absolute, or relative to the spec file), recognised by ``model_index.json``;
+* a Hugging Face hub id, resolved offline from the local hub cache to a pinned commit.
+
+``model_identity`` is what enters cache keys. It never loads a model: for a folder it hashes the
+weight and config files (digests cached by path, size and mtime so re-planning is instant); for a
+hub id it pins the revision to the commit hash the local cache holds. The weight dtype is part of
+the identity (it changes outputs); the device is not.
+
+``load_pipeline`` returns a :class:`Pipe` (cached per process) loaded with ``from_pretrained(...,
+local_files_only=True)``, the same path for ``tiny`` (its cache folder) and for real models.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelError
+from ..spec.models import ModelSpec
+from .tiny import TINY_RESOLUTION, cache_root, ensure_tiny, tiny_identity
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.json", "*.txt")
+DIGESTS_FILE = "digests.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+# ---------------------------------------------------------------------------------------------
+# device and dtype
+
+
+def resolve_device(model: ModelSpec) -> str:
+    """``cuda`` or ``cpu`` (``auto`` picks CUDA when available)."""
+    if model.device != "auto":
+        return model.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(model: ModelSpec, device: str | None = None) -> str:
+    """``fp32``/``fp16``/``bf16``; ``auto`` is fp16 on CUDA and fp32 on CPU."""
+    if model.dtype != "auto":
+        return model.dtype
+    if device is None:
+        device = resolve_device(model)
+    return "fp16" if device == "cuda" else "fp32"
+
+
+# ---------------------------------------------------------------------------------------------
+# where the weights are
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    kind: str  # "tiny" | "local" | "hub"
+    folder: Path | None  # None for tiny until built
+    repo: str | None = None
+    commit: str | None = None
+
+
+def _hf_hub_cache() -> Path:
+    """The local Hugging Face hub cache, read from the environment at call time."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    home = os.environ.get("HF_HOME")
+    if home:
+        return Path(home).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "huggingface" / "hub"
+
+
+def _offline_hint(repo: str) -> str:
+    return (
+        f"download it once on a machine with network (`huggingface-cli download {repo}`) and copy the "
+        "Hugging Face cache here (or set HF_HUB_CACHE to it), or point `model.base` at a local diffusers "
+        "folder (one with model_index.json); `model: tiny` needs no download"
+    )
+
+
+def _resolve_hub(repo: str, revision: str | None) -> ModelLocation:
+    rev = revision or "main"
+    hub = _hf_hub_cache()
+    repo_dir = hub / ("models--" + repo.replace("/", "--"))
+    commit: str | None = None
+    if _COMMIT.match(rev) and (repo_dir / "snapshots" / rev).is_dir():
+        commit = rev
+    else:
+        ref = repo_dir / "refs" / rev
+        if ref.is_file():
+            commit = ref.read_text(encoding="utf-8").strip()
+    if commit is None or not _COMMIT.match(commit):
+        raise ModelError(
+            f"model `{repo}` (revision `{rev}`) is not available offline: not found in the local Hugging Face cache {hub}",
+            hint=_offline_hint(repo),
+        )
+    snapshot = repo_dir / "snapshots" / commit
+    if not (snapshot / "model_index.json").is_file():
+        raise ModelError(
+            f"model `{repo}` at commit {commit[:12]} is only partly in the local Hugging Face cache "
+            f"({snapshot} has no model_index.json)",
+            hint=_offline_hint(repo),
+        )
+    return ModelLocation("hub", snapshot, repo=repo, commit=commit)
+
+
+def locate_model(model: ModelSpec, spec_dir: Path) -> ModelLocation:
+    """Where ``model``'s weights are, without loading or building anything."""
+    base = model.base
+    if base == "tiny":
+        return ModelLocation("tiny", None)
+    path = Path(base).expanduser()
+    if not path.is_absolute():
+        path = Path(spec_dir) / path
+    if path.exists():
+        if not path.is_dir() or not (path / "model_index.json").is_file():
+            raise ModelError(
+                f"`{base}` ({path}) is not a diffusers model folder: it has no model_index.json",
+                hint="point `model.base` at a folder written by diffusers' save_pretrained (or a hub snapshot), "
+                "or use `tiny`",
+            )
+        return ModelLocation("local", path.resolve())
+    if _HUB_ID.match(base):
+        return _resolve_hub(base, model.revision)
+    raise ModelError(
+        f"model `{base}` is neither `tiny`, an existing folder (looked for {path}), nor a hub id (`org/name`)",
+        hint="use `tiny`, a diffusers folder relative to the spec file, or a hub id already in the local cache",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# identity
+
+
+def _file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every weight/config file under ``folder``, reusing digests cached by (path, size, mtime_ns)."""
+    files = sorted({p for pat in WEIGHT_PATTERNS for p in folder.rglob(pat)
+                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)})
+    cache_file = cache_root() / DIGESTS_FILE
+    cached = _read_digests(cache_file)
+    fresh: dict[str, dict[str, Any]] = {}
+    out: dict[str, str] = {}
+    for path in files:
+        st = path.stat()  # follows symlinks (hub snapshots link into blobs/)
+        key = str(path.resolve())
+        entry = cached.get(key)
+        if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+            digest = entry["sha256"]
+        else:
+            digest = _sha256_file(path)
+            fresh[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        out[path.relative_to(folder).as_posix()] = digest
+    if fresh:
+        _write_digests(cache_file, fresh)
+    return out
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_digests(cache_file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(cache_file.read_text(encoding="utf-8"))
+        return data.get("files", {}) if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_digests(cache_file: Path, fresh: dict[str, dict[str, Any]]) -> None:
+    """Merge ``fresh`` into the digest cache (locked, atomic). A cache we cannot write is no error."""
+    from filelock import FileLock
+
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(cache_file) + ".lock", timeout=30):
+            files = _read_digests(cache_file)
+            files.update(fresh)
+            fd, tmp = tempfile.mkstemp(prefix=".digests-", dir=cache_file.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    json.dump({"version": 1, "files": files}, fh, sort_keys=True)
+                os.replace(tmp, cache_file)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+    except Exception:  # noqa: BLE001 - the cache is an optimisation only
+        return
+
+
+def model_identity(model: ModelSpec, spec_dir: Path) -> dict[str, Any]:
+    """What enters cache keys for ``model`` (never loads weights). Includes the dtype, not the device."""
+    loc = locate_model(model, spec_dir)
+    dtype = resolve_dtype(model)
+    if loc.kind == "tiny":
+        return {"kind": "tiny", **tiny_identity(), "dtype": dtype}
+    if loc.kind == "hub":
+        return {"kind": "hub", "repo": loc.repo, "commit": loc.commit, "dtype": dtype}
+    assert loc.folder is not None
+    return {"kind": "local", "files": _file_digests(loc.folder), "dtype": dtype}
+
+
+def native_resolution(model: ModelSpec, spec_dir: Path) -> int:
+    """The model's native square image size, read from its configs (no weights loaded)."""
+    loc = locate_model(model, spec_dir)
+    if loc.kind == "tiny":
+        return TINY_RESOLUTION
+    assert loc.folder is not None
+    try:
+        unet = json.loads((loc.folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((loc.folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        size = unet["sample_size"]
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return int(size) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"cannot read the unet/vae configs of {loc.folder}: {exc}",
+                         hint="is this a Stable-Diffusion-style diffusers folder?") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+@dataclass(eq=False)
+class Pipe:
+    """A loaded Stable-Diffusion-style model. Shared per process: treat as read-only."""
+
+    tokenizer: Any
+    text_encoder: Any
+    unet: Any
+    vae: Any
+    scheduler: Any  # a template; samplers build their own copy from its config
+    device: Any  # torch.device
+    dtype: Any  # torch dtype of unet and text encoder (the VAE is fp32)
+    resolution: int  # native square size in pixels
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def vae_dtype(self) -> Any:
+        return next(self.vae.parameters()).dtype
+
+
+_PIPES: dict[str, Pipe] = {}
+_PIPES_LOCK = threading.Lock()
+
+
+def _variant(sub: Path) -> str | None:
+    """``fp16`` when a component folder holds only fp16-variant weights."""
+    names = [p.name for p in sub.iterdir()] if sub.is_dir() else []
+    plain = [n for n in names if n.endswith((".safetensors", ".bin")) and ".fp16." not in n]
+    fp16 = [n for n in names if ".fp16." in n]
+    return "fp16" if fp16 and not plain else None
+
+
+def load_pipeline(model: ModelSpec, spec_dir: Path) -> Pipe:
+    """Load ``model`` (cached per process: the same identity and device give the same object)."""
+    identity = model_identity(model, spec_dir)
+    device = resolve_device(model)
+    cache_key = json.dumps(identity, sort_keys=True) + "|" + device
+    with _PIPES_LOCK:
+        pipe = _PIPES.get(cache_key)
+        if pipe is None:
+            pipe = _load(model, spec_dir, identity, device)
+            _PIPES[cache_key] = pipe
+        return pipe
+
+
+def clear_pipeline_cache() -> None:
+    """Forget every loaded pipeline (tests, or to free memory)."""
+    with _PIPES_LOCK:
+        _PIPES.clear()
+
+
+def _load(model: ModelSpec, spec_dir: Path, identity: dict[str, Any], device_name: str) -> Pipe:
+    loc = locate_model(model, spec_dir)
+    name = model.base
+    try:
+        folder = ensure_tiny() if loc.kind == "tiny" else loc.folder
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"cannot build the embedded `tiny` model: {type(exc).__name__}: {exc}",
+                         hint=f"check that the cache folder {cache_root()} is writable (or set CASPEC_CACHE)") from None
+    assert folder is not None
+    try:
+        import torch
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"cannot import the ML stack: {type(exc).__name__}: {exc}",
+                         hint="reinstall caspec's pinned dependencies (torch, diffusers, transformers)") from None
+
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("`model.device: cuda` was asked for but CUDA is not available",
+                         hint="use `device: auto` or `cpu`")
+    device = torch.device(device_name)
+    dtype = getattr(torch, _DTYPE_NAMES[identity["dtype"]])
+    part = "?"
+    try:
+        part = "tokenizer"
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+        part = "text_encoder"
+        text_encoder = CLIPTextModel.from_pretrained(
+            folder / "text_encoder", local_files_only=True, dtype=dtype, variant=_variant(folder / "text_encoder"))
+        part = "unet"
+        unet = UNet2DConditionModel.from_pretrained(
+            folder, subfolder="unet", local_files_only=True, torch_dtype=dtype, variant=_variant(folder / "unet"))
+        part = "vae"
+        vae = AutoencoderKL.from_pretrained(
+            folder, subfolder="vae", local_files_only=True, torch_dtype=torch.float32, variant=_variant(folder / "vae"))
+        part = "scheduler"
+        scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+        part = "device"
+        for module in (text_encoder, unet, vae):
+            module.to(device)
+            module.eval()
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(
+            f"cannot load the {part} of model `{name}` from {folder}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+            hint="the folder must be a complete Stable-Diffusion-style diffusers folder "
+            "(tokenizer, text_encoder, unet, vae, scheduler); re-download it, or use `model: tiny`",
+        ) from None
+    resolution = int(unet.config.sample_size if not isinstance(unet.config.sample_size, (list, tuple))
+                      else unet.config.sample_size[0]) * 2 ** (len(vae.config.block_out_channels) - 1)
+    return Pipe(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=scheduler,
+                device=device, dtype=dtype, resolution=resolution, identity=identity)
+
+
+__all__ = ["Pipe", "ModelLocation", "locate_model", "model_identity", "native_resolution", "load_pipeline",
+           "clear_pipeline_cache", "resolve_device", "resolve_dtype"]

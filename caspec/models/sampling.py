@@ -1,0 +1,270 @@
+"""caspec's own DDIM sampling: txt2img (root images) and text-guided SDEdit (variations).
+
+Written against the loaded components of a :class:`~caspec.models.load.Pipe`, not diffusers'
+pipeline classes, so that every image depends only on its own (prompt, seed, settings):
+
+* each image's starting noise comes from its own ``torch.Generator("cpu").manual_seed(seed)``
+  (drawn in fp32 on the CPU, then moved), so batching and batch composition never pick the noise;
+* each distinct prompt is encoded on its own (batch of one), each distinct source image is
+  VAE-encoded once, deterministically (the latent distribution's mean);
+* DDIM with eta 0 and classifier-free guidance (the unconditional pass is skipped when
+  ``guidance_scale <= 1``); SDEdit starts where diffusers' img2img ``get_timesteps`` does:
+  ``init = min(int(steps * strength), steps)`` denoising steps from ``timesteps[steps - init]``;
+* every call works on its own scheduler copy; shared state is never mutated.
+
+The numerics follow diffusers' StableDiffusionPipeline / img2img pipeline (tests compare them).
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .load import Pipe
+
+CPU_BATCH_SIZE = 8
+CUDA_BATCH_SIZE = 8  # to be tuned per GPU memory
+
+Progress = Callable[[int, int], None] | None
+
+
+def default_batch_size(pipe: Pipe) -> int:
+    return CUDA_BATCH_SIZE if pipe.device.type == "cuda" else CPU_BATCH_SIZE
+
+
+def _scheduler_copy(pipe: Pipe) -> Any:
+    """A private DDIM scheduler built from the model's scheduler config."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(pipe.scheduler.config)
+
+
+def _resolution(pipe: Pipe, resolution: int | None) -> int:
+    res = pipe.resolution if resolution is None else int(resolution)
+    if res <= 0 or res % pipe.vae_scale_factor:
+        raise ValueError(f"resolution {res} is not a multiple of the VAE's downscale factor {pipe.vae_scale_factor}")
+    return res
+
+
+def use_cfg(guidance_scale: float) -> bool:
+    return guidance_scale > 1.0
+
+
+@torch.inference_mode()
+def _encode_one(pipe: Pipe, text: str) -> torch.Tensor:
+    tok = pipe.tokenizer(
+        [text], padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    mask = None
+    if getattr(pipe.text_encoder.config, "use_attention_mask", False):
+        mask = tok.attention_mask.to(pipe.device)
+    out = pipe.text_encoder(tok.input_ids.to(pipe.device), attention_mask=mask)[0]
+    return out.to(dtype=pipe.dtype)
+
+
+def encode_prompts(
+    pipe: Pipe, prompts: Sequence[str], negative: str | Sequence[str] | None = None, *, guidance_scale: float = 7.5
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text embeddings ``(cond [N, L, D], uncond [N, L, D] or None)`` for ``prompts``.
+
+    ``uncond`` embeds the negative prompt (one string for all, or one per prompt; ``None``/``""``
+    = the empty prompt); it is ``None`` when ``guidance_scale <= 1`` (no unconditional pass).
+    Each distinct string is encoded once, on its own.
+    """
+    prompts = list(prompts)
+    if isinstance(negative, str) or negative is None:
+        negatives = [negative or ""] * len(prompts)
+    else:
+        negatives = [n or "" for n in negative]
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+    memo: dict[str, torch.Tensor] = {}
+
+    def emb(text: str) -> torch.Tensor:
+        if text not in memo:
+            memo[text] = _encode_one(pipe, text)
+        return memo[text]
+
+    cond = torch.cat([emb(p) for p in prompts])
+    uncond = torch.cat([emb(n) for n in negatives]) if use_cfg(guidance_scale) else None
+    return cond, uncond
+
+
+@torch.inference_mode()
+def _denoise(
+    pipe: Pipe, sched: Any, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor,
+    uncond: torch.Tensor | None, guidance_scale: float,
+) -> torch.Tensor:
+    """DDIM (eta 0) from ``latents`` over ``timesteps`` with classifier-free guidance. Latents stay fp32."""
+    if uncond is not None:
+        embeds = torch.cat([uncond, cond])
+    else:
+        embeds = cond
+    for t in timesteps:
+        model_in = torch.cat([latents] * 2) if uncond is not None else latents
+        model_in = sched.scale_model_input(model_in, t).to(pipe.dtype)
+        noise_pred = pipe.unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0].to(latents.dtype)
+        if uncond is not None:
+            n_uncond, n_text = noise_pred.chunk(2)
+            noise_pred = n_uncond + guidance_scale * (n_text - n_uncond)
+        latents = sched.step(noise_pred, t, latents, eta=0.0, return_dict=False)[0]
+    return latents
+
+
+@torch.inference_mode()
+def decode_latents(pipe: Pipe, latents: torch.Tensor) -> list[Image.Image]:
+    """VAE-decode (fp32, one image at a time) to uint8 RGB PIL images."""
+    sf = pipe.vae.config.scaling_factor
+    images = []
+    for i in range(latents.shape[0]):
+        z = latents[i : i + 1].to(device=pipe.device, dtype=pipe.vae_dtype) / sf
+        x = pipe.vae.decode(z, return_dict=False)[0]
+        x = (x / 2 + 0.5).clamp(0, 1)
+        arr = x.cpu().permute(0, 2, 3, 1).float().numpy()[0]
+        images.append(Image.fromarray((arr * 255).round().astype("uint8"), mode="RGB"))
+    return images
+
+
+def _noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn(shape, generator=gen, dtype=torch.float32)
+
+
+def initial_noise(pipe: Pipe, seed: int, resolution: int | None = None) -> torch.Tensor:
+    """The unscaled starting noise ``[1, C, h, w]`` (fp32, CPU) that ``seed`` gives at ``resolution``."""
+    res = _resolution(pipe, resolution)
+    h = res // pipe.vae_scale_factor
+    return _noise(seed, (1, pipe.unet.config.in_channels, h, h))
+
+
+def _batches(n: int, batch_size: int) -> list[range]:
+    batch_size = max(1, int(batch_size))
+    return [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def txt2img(
+    pipe: Pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+    negative_prompt: str | None = "",
+    resolution: int | None = None,
+    batch_size: int | None = None,
+    progress: Progress = None,
+) -> list[Image.Image]:
+    """One image per (prompt, seed): DDIM ``steps`` with classifier-free guidance from seeded noise."""
+    prompts, seeds = list(prompts), list(seeds)
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    res = _resolution(pipe, resolution)
+    bs = batch_size or default_batch_size(pipe)
+    cond_all, uncond_all = encode_prompts(pipe, prompts, negative_prompt, guidance_scale=guidance_scale)
+    out: list[Image.Image] = []
+    with torch.inference_mode():
+        for idx in _batches(len(prompts), bs):
+            sched = _scheduler_copy(pipe)
+            sched.set_timesteps(steps, device=pipe.device)
+            noise = torch.cat([initial_noise(pipe, seeds[i], res) for i in idx]).to(pipe.device)
+            latents = noise * sched.init_noise_sigma
+            sel = slice(idx.start, idx.stop)
+            latents = _denoise(pipe, sched, latents, sched.timesteps, cond_all[sel],
+                               None if uncond_all is None else uncond_all[sel], guidance_scale)
+            out.extend(decode_latents(pipe, latents))
+            if progress is not None:
+                progress(len(out), len(prompts))
+    return out
+
+
+def sdedit_timesteps(sched: Any, steps: int, strength: float) -> torch.Tensor:
+    """The timesteps SDEdit denoises over (diffusers img2img ``get_timesteps``); set_timesteps first."""
+    init = min(int(steps * strength), steps)
+    start = max(steps - init, 0)
+    return sched.timesteps[start * sched.order :]
+
+
+def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+    """An RGB image, fitted to ``resolution``², as a ``[1, 3, H, W]`` fp32 tensor in [-1, 1]."""
+    from ..ops.images import fit_square
+
+    img = fit_square(image.convert("RGB"), resolution)
+    arr = np.asarray(img).astype(np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1)[None] * 2.0 - 1.0
+
+
+@torch.inference_mode()
+def encode_image(pipe: Pipe, image: Image.Image, resolution: int | None = None) -> torch.Tensor:
+    """Deterministic VAE latent (the distribution's mean, times the scaling factor), fp32 ``[1, C, h, w]``."""
+    res = _resolution(pipe, resolution)
+    x = image_to_tensor(image, res).to(device=pipe.device, dtype=pipe.vae_dtype)
+    dist = pipe.vae.encode(x).latent_dist
+    return (dist.mean * pipe.vae.config.scaling_factor).float()
+
+
+def _image_key(image: Image.Image) -> tuple:
+    return (image.mode, image.size, hashlib.sha256(image.tobytes()).hexdigest())
+
+
+def sdedit(
+    pipe: Pipe,
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    strength: float = 0.86,
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+    negative_prompt: str | None = "",
+    resolution: int | None = None,
+    batch_size: int | None = None,
+    progress: Progress = None,
+) -> list[Image.Image]:
+    """Text-guided SDEdit: one output per (image, prompt, seed) triple.
+
+    Each source is VAE-encoded once (mean latent); noise from the triple's seed is added with
+    ``scheduler.add_noise`` at the start timestep; then ``int(steps * strength)`` DDIM steps with CFG.
+    """
+    images, prompts, seeds = list(images), list(prompts), list(seeds)
+    if not (len(images) == len(prompts) == len(seeds)):
+        raise ValueError(f"sdedit needs as many images, prompts and seeds ({len(images)}, {len(prompts)}, {len(seeds)})")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if int(steps * strength) < 1:
+        raise ValueError(f"steps × strength = {steps} × {strength} < 1: no denoising step would run")
+    res = _resolution(pipe, resolution)
+    bs = batch_size or default_batch_size(pipe)
+
+    latents_of: dict[tuple, torch.Tensor] = {}
+    src_latents = []
+    for img in images:
+        k = _image_key(img)
+        if k not in latents_of:
+            latents_of[k] = encode_image(pipe, img, res)
+        src_latents.append(latents_of[k])
+
+    cond_all, uncond_all = encode_prompts(pipe, prompts, negative_prompt, guidance_scale=guidance_scale)
+    out: list[Image.Image] = []
+    with torch.inference_mode():
+        for idx in _batches(len(images), bs):
+            sched = _scheduler_copy(pipe)
+            sched.set_timesteps(steps, device=pipe.device)
+            timesteps = sdedit_timesteps(sched, steps, strength)
+            z0 = torch.cat([src_latents[i] for i in idx]).to(pipe.device)
+            noise = torch.cat([_noise(seeds[i], tuple(src_latents[i].shape)) for i in idx]).to(pipe.device)
+            t0 = timesteps[:1].repeat(len(idx))
+            latents = sched.add_noise(z0, noise, t0)
+            sel = slice(idx.start, idx.stop)
+            latents = _denoise(pipe, sched, latents, timesteps, cond_all[sel],
+                               None if uncond_all is None else uncond_all[sel], guidance_scale)
+            out.extend(decode_latents(pipe, latents))
+            if progress is not None:
+                progress(len(out), len(images))
+    return out
+
+
+__all__ = ["CPU_BATCH_SIZE", "CUDA_BATCH_SIZE", "default_batch_size", "encode_prompts", "txt2img", "sdedit",
+           "encode_image", "decode_latents", "initial_noise", "sdedit_timesteps", "image_to_tensor"]

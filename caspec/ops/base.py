@@ -1,0 +1,91 @@
+"""The contract every step kind implements, and the context an op runs in.
+
+An op is a small object with ``KIND``, ``VERSION`` and four methods:
+
+* ``params(step, spec)``: the resolved parameters that enter the cache key (JSON-able, no paths);
+* ``inputs(step, spec_dir)``: user files the step reads (their digests enter the key);
+* ``upstream(step)``: role -> upstream step id (their keys enter the key; ids themselves never do);
+* ``run(ctx)``: do the work, writing files only under ``ctx.out_dir``; return the step's result
+  (JSON-able), typically ``{"images": [ImageEntry, ...]}``.
+
+Bump ``VERSION`` whenever the op's output for the same key material would change.
+Planning calls the first three only; ``run`` is called by the executor alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Protocol
+
+from ..spec.models import ModelSpec, Spec
+
+
+class UpstreamOutput(Protocol):
+    """What an op sees of a finished upstream step: its result and its files (read-only)."""
+
+    key: str
+    result: dict[str, Any]
+
+    def file(self, relpath: str) -> Path: ...
+
+    def digest(self, relpath: str) -> str: ...
+
+
+@dataclass
+class RunContext:
+    """Everything ``Op.run`` may use. It must write only under ``out_dir``."""
+
+    step_id: str
+    spec_name: str
+    key: str
+    params: dict[str, Any]
+    out_dir: Path
+    spec_dir: Path
+    model: ModelSpec
+    upstream: dict[str, UpstreamOutput] = field(default_factory=dict)
+    inputs: dict[str, Path] = field(default_factory=dict)
+    # progress(done, total, description) -> None; called from the op as images finish
+    progress: Callable[[int, int, str], None] = lambda done, total, desc="": None
+    # extra per-step state the executor passes (e.g. the review manifest path)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Op:
+    """Base class for step kinds; see the module docstring for the contract."""
+
+    KIND: ClassVar[str]
+    VERSION: ClassVar[int] = 1
+    USES_MODEL: ClassVar[bool] = True
+
+    def params(self, step: Any, spec: Spec) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def inputs(self, step: Any, spec_dir: Path) -> dict[str, Path]:
+        return {}
+
+    def upstream(self, step: Any) -> dict[str, str]:
+        return {}
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def gate(self, step: Any, step_id: str, loaded: Any) -> "GateState | None":
+        """For review gates: the person's decision as read from disk (read-only). None for ordinary ops."""
+        return None
+
+
+@dataclass
+class GateState:
+    """A review gate's decision as the planner sees it. ``material`` enters the key (e.g. kept digests)."""
+
+    manifest: Path
+    decided: bool
+    material: dict[str, Any]
+    reason: str = ""
+    source_key: str | None = None
+
+
+def image_entry(id: str, file: str, **meta: Any) -> dict[str, Any]:
+    """One image in a step result: a stable ``id``, its ``file`` under the step output, and metadata
+    (prompt, negative_prompt, seed, source id, ...). The executor adds ``digest`` from the store."""
+    return {"id": id, "file": file, **meta}

@@ -1,0 +1,144 @@
+"""The spec's schema (version 1) as pydantic v2 models.
+
+A spec has sections, one per step kind, each a mapping from step id to that kind's settings:
+``roots`` (generate or a given image), ``edits`` (SDEdit variations), ``select`` (keep some
+candidates). Later kinds (train, compose, export, eval) join as new sections. Every model
+forbids unknown fields so that typos surface as errors with a did-you-mean hint.
+
+These models describe what the user wrote after templating; they hold no file positions
+(``spec.load`` maps validation errors back to FILE:LINE:COL).
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Iterator, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+SPEC_VERSION = 1
+
+StepId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")]
+VarValue = Union[str, int, float, bool, list[Union[str, int, float, bool]]]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ModelSpec(_Model):
+    """Which diffusion model runs the steps: ``tiny`` (embedded), a local diffusers folder, or a hub id."""
+
+    base: str = Field("tiny", min_length=1, description="`tiny`, a local diffusers folder, or a hub id such as `stable-diffusion-v1-5/stable-diffusion-v1-5`.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit). Resolved to a commit from the local cache so the cache key never follows a moving name.")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="Weight dtype: `auto` is fp16 on CUDA and fp32 on CPU; the VAE always runs in fp32.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run: `auto` picks CUDA when available.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"base": value} if isinstance(value, str) else value
+
+
+class Sampling(_Model):
+    """Sampling settings shared by every step that runs the diffusion model; any may be overridden per step."""
+
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Base seed; per-image seeds are derived from it.")
+    steps: int | None = Field(None, ge=1, le=1000, description="DDIM steps for a full denoise (SDEdit runs `int(steps*strength)` of them).")
+    guidance_scale: float | None = Field(None, ge=0, le=100, description="Classifier-free guidance scale (1 disables the unconditional pass).")
+    resolution: int | None = Field(None, ge=16, le=4096, multiple_of=8, description="Square image size in pixels; default: the model's native size (64 for `tiny`, 512 for SD 1.x).")
+    negative_prompt: str | None = Field(None, description="Text to guide away from (replaces the empty unconditional prompt).")
+
+
+class Defaults(Sampling):
+    """Spec-wide defaults. The paper's values: DDIM, 50 steps, guidance 7.5."""
+
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    steps: int = Field(50, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0, le=100)
+    negative_prompt: str = ""
+    scheduler: Literal["ddim"] = Field("ddim", description="Sampler; DDIM is what the paper uses (deterministic, eta 0).")
+
+
+class RootStep(Sampling):
+    """A root image: generated from a seed prompt (txt2img), or a user-provided image file."""
+
+    prompt: str | None = Field(None, min_length=1, description="Seed prompt for txt2img.")
+    image: str | None = Field(None, min_length=1, description="Path of a user-provided root image, relative to the spec file.")
+    candidates: int = Field(4, ge=1, le=1024, description="How many images to generate from the prompt.")
+
+    @model_validator(mode="after")
+    def _prompt_xor_image(self) -> "RootStep":
+        if (self.prompt is None) == (self.image is None):
+            raise ValueError("a root needs exactly one of `prompt` (generate) or `image` (a given file)")
+        if self.image is not None and "candidates" in self.model_fields_set:
+            raise ValueError("`candidates` applies to generated roots only; a root `image` is one image")
+        return self
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+class EditStep(Sampling):
+    """SDEdit variations: noise each source image to `strength`, then denoise guided by each edit prompt."""
+
+    from_: StepId = Field(alias="from", description="Id of the root or select step whose images are edited.")
+    pick: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="Indices of the source's images to edit (default: all).")
+    prompts: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, description="Edit prompts; a template over a list var expands into one prompt per value.")
+    strength: float = Field(0.86, gt=0, le=1, description="How far to noise the source: 0.86 (the paper) starts 43 of 50 DDIM steps from the end.")
+    candidates: int = Field(4, ge=1, le=1024, description="Candidates per edit prompt.")
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _prompts_list(cls, value: Any) -> Any:
+        return _as_list(value)
+
+    @field_validator("pick", mode="before")
+    @classmethod
+    def _pick_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, int) else value
+
+
+class SelectStep(_Model):
+    """Keep some candidates of a root or edit step. `manual`: a person marks them in a review manifest."""
+
+    from_: StepId = Field(alias="from", description="Id of the root or edit step whose candidates are reviewed.")
+    by: Literal["manual"] = Field("manual", description="Who decides: `manual` (a review manifest a person edits). `clip` comes in a later version.")
+    count: int | None = Field(None, ge=1, description="Exactly this many must be kept (the paper keeps 8).")
+    manifest: str | None = Field(None, description="Review manifest path, relative to the spec file. Default: `reviews/<spec-name>/<step-id>.yaml`.")
+
+
+SECTIONS: dict[str, str] = {"roots": "root", "edits": "edit", "select": "select"}
+"""Spec section name -> step kind."""
+
+
+class Spec(_Model):
+    """A caspec spec, version 1."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="caspec spec", json_schema_extra={"$id": "https://caspec.dev/schema/spec-v1.json"})
+
+    version: Literal[1] = Field(1, description="Spec format version.")
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")] | None = Field(None, description="Names the outputs (`out/<name>/`, `reviews/<name>/`); default: the file name without extension.")
+    description: str = ""
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    defaults: Defaults = Field(default_factory=Defaults)
+    vars: dict[str, VarValue] = Field(default_factory=dict, description="Values for jinja2 templates in any string; a list value expands a template in a list field into one item per value.")
+    roots: dict[StepId, RootStep] = Field(default_factory=dict)
+    edits: dict[StepId, EditStep] = Field(default_factory=dict)
+    select: dict[StepId, SelectStep] = Field(default_factory=dict)
+
+    def steps(self) -> Iterator[tuple[str, str, _Model]]:
+        """Yield ``(section, step_id, step)`` for every step, in file order within each section."""
+        for section in SECTIONS:
+            for step_id, step in getattr(self, section).items():
+                yield section, step_id, step
+
+
+def sampling_for(spec: Spec, step: Sampling) -> dict[str, Any]:
+    """Resolve a step's sampling settings against the spec defaults (step value wins)."""
+    d = spec.defaults
+    out = {}
+    for name in ("seed", "steps", "guidance_scale", "resolution", "negative_prompt"):
+        value = getattr(step, name)
+        out[name] = getattr(d, name) if value is None else value
+    out["scheduler"] = d.scheduler
+    return out

@@ -1,0 +1,9 @@
+"""The content-addressed store that caches every step's outputs (see :mod:`caspec.store.local`).
+
+``open_store(path)`` gives a :class:`LocalStore`; the interface it implements is
+:class:`caspec.store.base.Store`.
+"""
+from .base import GcReport, Record, Store
+from .local import CorruptRecordWarning, LocalStore, default_root, open_store
+
+__all__ = ["LocalStore", "Record", "GcReport", "Store", "CorruptRecordWarning", "open_store", "default_root"]

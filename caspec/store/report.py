@@ -1,0 +1,70 @@
+"""Store-level reports for the CLI: `caspec status` (a summary) and `caspec gc` (what no spec needs)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import CaspecError
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _recorded_specs(store: Any) -> dict[str, dict[str, Any]]:
+    state_dir = store.root / "state"
+    out = {}
+    for path in sorted(state_dir.glob("*.json")) if state_dir.is_dir() else []:
+        out[path.stem] = store.read_state(path.stem)
+    return out
+
+
+def store_summary(store: Any) -> str:
+    records = list(store.records())
+    digests = {o["digest"]: o["size"] for r in records for o in r.outputs.values()}
+    lines = [f"store: {store.root}", f"entries: {len(records)} steps, {len(digests)} objects, {_size(sum(digests.values()))}"]
+    for name, state in _recorded_specs(store).items():
+        steps = state.get("steps", {})
+        cached = sum(1 for v in steps.values() if store.has(v.get("key", "")))
+        lines.append(f"spec {name}: {cached}/{len(steps)} steps of the last run cached ({state.get('spec', '?')})")
+    return "\n".join(lines)
+
+
+def live_keys(store: Any, loaded_specs: list[Any]) -> set[str]:
+    """Keys that some current spec needs: the plans of the given specs and of every recorded spec on disk.
+    A recorded spec that no longer loads keeps its last run's keys (never delete on a typo)."""
+    from ..plan.graph import make_plan
+    from ..spec.load import load_spec
+
+    keep: set[str] = set()
+    seen: set[Path] = set()
+    for loaded in loaded_specs:
+        keep |= {n.key for n in make_plan(loaded, store).order()}
+        seen.add(loaded.path)
+    for state in _recorded_specs(store).values():
+        path = Path(state.get("spec", ""))
+        if path in seen or not path.is_file():
+            continue
+        try:
+            keep |= {n.key for n in make_plan(load_spec(path), store).order()}
+        except CaspecError:
+            keep |= {v.get("key", "") for v in state.get("steps", {}).values()}
+    return keep
+
+
+def collect_garbage(store: Any, loaded_specs: list[Any], *, dry_run: bool) -> str:
+    report = store.gc(live_keys(store, loaded_specs), dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    lines = [f"{verb} {len(report.records)} step(s), {len(report.objects)} object(s), "
+             f"{len(report.temp_dirs)} temp dir(s); {'would free' if dry_run else 'freed'} "
+             f"{report.bytes_freed} bytes ({_size(report.bytes_freed)})"]
+    if dry_run:
+        lines += [f"  step {k[:12]}" for k in report.records]
+    return "\n".join(lines)
+
+
+__all__ = ["store_summary", "collect_garbage", "live_keys"]
