@@ -29,12 +29,12 @@ import math
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, UndefinedError, meta, nodes
+from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, meta, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from pydantic import BaseModel, ValidationError
 from yaml.constructor import ConstructorError, SafeConstructor
@@ -63,7 +63,6 @@ _MERGE_TAG = _TAG + "merge"
 _SCALAR_TAGS = {_TAG + t for t in ("str", "int", "float", "bool", "null")}
 _LINE_BREAK = re.compile(r"\r\n|[\n\r\x85\u2028\u2029]")
 
-Path_ = tuple
 Pos = tuple[int, int]
 
 
@@ -129,7 +128,8 @@ def _read_bytes(path: Path, shown: str) -> bytes:
         with path.open("rb") as fh:
             raw = fh.read(MAX_BYTES + 1)
     except FileNotFoundError:
-        raise UsageError(f"spec file not found: {shown}", "check the path (relative paths start at the current directory)") from None
+        raise UsageError(f"spec file not found: {shown}",
+                         "check the path (relative paths start at the current directory)") from None
     except PermissionError:
         raise UsageError(f"cannot read spec file {shown}: permission denied", "check the file's permissions") from None
     except OSError as exc:
@@ -140,13 +140,13 @@ def _read_bytes(path: Path, shown: str) -> bytes:
 
 
 def _too_large(shown: str, size: int) -> Problem:
-    return Problem(shown, None, None, "", f"file is too large for a spec ({size / (1 << 20):.1f} MiB; the limit is 1 MiB)",
+    return Problem(shown, None, None, "",
+                   f"file is too large for a spec ({size / (1 << 20):.1f} MiB; the limit is 1 MiB)",
                    "a spec is a small YAML file of steps; is this the right file?")
 
 
 def _load(text: str, path: str | Path, shown: str) -> LoadedSpec:
-    parse_text = text[1:] if text.startswith("\ufeff") else text
-    src = _Source(shown, parse_text, {})
+    src = _Source(shown, text, {})
     data = _parse(src)
     data, src.positions, expanded = _template(data, src)
     spec = _validate(data, src, expanded)
@@ -170,6 +170,7 @@ class _Source:
 
     def __init__(self, shown: str, text: str, positions: dict[tuple, Pos]):
         self.shown = shown
+        text = text[1:] if text.startswith("\ufeff") else text
         self.text = text
         self.lines = _LINE_BREAK.split(text)
         self.positions = positions
@@ -276,7 +277,8 @@ def _parse(src: _Source) -> dict:
 
 _SYNTAX_HINTS = {
     "mapping values are not allowed": "a value containing `: ` must be quoted, e.g. `prompt: \"a robot: dancing\"`",
-    "cannot start any token": "YAML indentation uses spaces, not tabs; a value starting with `@` or a backtick must be quoted",
+    "cannot start any token": ("YAML indentation uses spaces, not tabs; "
+                               "a value starting with `@` or a backtick must be quoted"),
     "found undefined alias": "an alias `*name` must refer to an anchor `&name` defined earlier in the file",
     "expected a single document": "a spec is one YAML document; remove the extra `---`",
     "found character '\\t'": "YAML indentation uses spaces, not tabs",
@@ -293,6 +295,13 @@ def _syntax_problem(src: _Source, exc: yaml.MarkedYAMLError) -> Problem:
     if exc.context_mark is not None and (mark is None or mark.index >= len(src.text.rstrip())):
         mark = exc.context_mark
         hint = hint or "this is never closed; check its closing quote or bracket"
+        if exc.context == "while scanning a quoted scalar":
+            message = "invalid YAML: this quoted string is never closed"
+            hint = "add the closing quote (inside a \"...\" string, write a quote as \\\")"
+    if hint is None and exc.context_mark is not None and str(exc.context).startswith("while parsing a flow"):
+        brackets = "`{ ... }`" if "mapping" in exc.context else "`[ ... ]`"
+        started = exc.context_mark.line + 1
+        hint = f"look for a missing `,` or closing bracket in the {brackets} started at line {started}"
     at = (mark.line + 1, mark.column + 1) if mark else None
     return src.problem((), message, hint, at=at)
 
@@ -374,9 +383,9 @@ class _Builder:
             if key is None:
                 continue
             if key in seen:
-                self.problems.append(self.src.problem(path + (key,), f"duplicate key `{key}` (first at line {seen[key]})",
-                                                      "remove one of them (YAML would silently keep the last)",
-                                                      at=_mark(key_node)))
+                self.problems.append(self.src.problem(
+                    path + (key,), f"duplicate key `{key}` (first at line {seen[key]})",
+                    "remove one of them (YAML would silently keep the last)", at=_mark(key_node)))
                 continue
             seen[key] = key_node.start_mark.line + 1
             merged.pop(key, None)
@@ -589,48 +598,44 @@ class _Templater:
         """The rendered values of one template string ([text] after recording a problem)."""
         try:
             ast = self.env.parse(text)
-        except TemplateSyntaxError as exc:
-            return self._fail(path, f"template syntax error: {exc.message}", _syntax_hint(exc), text)
-        undefined = sorted(meta.find_undeclared_variables(ast) - set(self.vars) - set(self.env.globals))
+            referenced = meta.find_undeclared_variables(ast)
+            template = self.env.from_string(ast)
+        except TemplateSyntaxError as exc:  # also TemplateAssertionError: an unknown filter or test
+            return self._fail(path, f"template syntax error: {exc.message}", self._syntax_hint(exc), text)
+        except Exception as exc:  # noqa: BLE001 - compiling folds constants, evaluating (sandboxed) expressions
+            return self._fail(path, *_render_error(exc), text)
+        undefined = sorted(referenced - set(self.vars) - set(self.env.globals))
         if undefined:
-            return self._fail(path, f"undefined template variable {_ticks(undefined)}", self._vars_hint(undefined[0]), text)
+            return self._fail(path, f"undefined template variable {_ticks(undefined)}",
+                              self._vars_hint(undefined[0]), text)
         names = self._list_names(ast)
         count = math.prod(len(self.vars[n]) for n in names)
         if count > MAX_EXPANSION:
             return self._fail(path, f"the template expands to {count} values (the limit is {MAX_EXPANSION})",
                               f"it expands over the list vars {_ticks(names)}", text)
-        template = self.env.from_string(ast)
         out = []
         for combo in itertools.product(*(self.vars[n] for n in names)):
-            result = self._render_one(template, dict(zip(names, combo)), path)
-            if result is None:
-                return [text]
+            try:
+                result = template.render({**self.vars, **dict(zip(names, combo))})
+            except Exception as exc:  # noqa: BLE001 - whatever the template's expressions raise
+                return self._fail(path, *_render_error(exc), text)
+            if len(result) > MAX_RENDERED:
+                return self._fail(path, f"the template renders to more than {MAX_RENDERED} characters", None, text)
             out.append(result)
         return out
-
-    def _render_one(self, template: Any, binding: dict, path: tuple) -> str | None:
-        try:
-            result = template.render({**self.vars, **binding})
-        except SecurityError as exc:
-            return self._fail_none(path, f"template refused by the sandbox: {exc}",
-                                   "templates may use vars, filters and plain expressions; they cannot reach Python internals")
-        except UndefinedError as exc:
-            return self._fail_none(path, f"template error: {exc.message}", None)
-        except TemplateError as exc:
-            return self._fail_none(path, f"template error: {exc.message or exc}", None)
-        except Exception as exc:  # anything the template's expressions raise (TypeError, ZeroDivisionError, ...)
-            return self._fail_none(path, f"template error: {type(exc).__name__}: {exc}", None)
-        if len(result) > MAX_RENDERED:
-            return self._fail_none(path, f"the template renders to more than {MAX_RENDERED} characters", None)
-        return result
 
     def _fail(self, path: tuple, message: str, hint: str | None, text: str) -> list[str]:
         self.problems.append(self.src.problem(path, message, hint))
         return [text]
 
-    def _fail_none(self, path: tuple, message: str, hint: str | None) -> None:
-        self.problems.append(self.src.problem(path, message, hint))
-        return None
+    def _syntax_hint(self, exc: TemplateSyntaxError) -> str:
+        unknown = re.match(r"No (filter|test) named '([^']*)'", exc.message or "")
+        if unknown:
+            kind, name = unknown.groups()
+            known = self.env.filters if kind == "filter" else self.env.tests
+            return _did_you_mean(name, known) or f"{kind}s: {', '.join(sorted(known))}"
+        return ("`{{ ... }}` holds one expression such as `{{ color }}` or `{{ color | upper }}`, "
+                "`{% ... %}` a statement; close each with `}}` or `%}`")
 
     def _vars_hint(self, name: str) -> str:
         if not self.vars:
@@ -640,13 +645,20 @@ class _Templater:
         return f"{guess} ({defined})" if guess else defined
 
 
+_SANDBOX_HINT = "templates may use vars, filters and plain expressions; they cannot reach Python internals"
+
+
+def _render_error(exc: Exception) -> tuple[str, str | None]:
+    """Message and hint for an exception raised while compiling or rendering a template."""
+    if isinstance(exc, SecurityError):
+        return f"template refused by the sandbox: {exc}", _SANDBOX_HINT
+    if isinstance(exc, TemplateError):
+        return f"template error: {exc.message or exc}", None
+    return f"template error: {type(exc).__name__}: {exc}", None
+
+
 def _is_template(value: Any) -> bool:
     return isinstance(value, str) and ("{{" in value or "{%" in value)
-
-
-def _syntax_hint(exc: TemplateSyntaxError) -> str:
-    return ("`{{ ... }}` holds one expression such as `{{ color }}` or `{{ color | upper }}`, "
-            "`{% ... %}` a statement; close each with `}}` or `%}`")
 
 
 def _template(data: dict, src: _Source) -> tuple[dict, dict, dict]:
@@ -661,7 +673,8 @@ def _template(data: dict, src: _Source) -> tuple[dict, dict, dict]:
 
 _FIELD_HINTS = {
     "strength": "strength is the fraction of the DDIM schedule to noise, in (0, 1]; the paper uses 0.86",
-    "resolution": "resolution is the square image size in pixels: a multiple of 8 in [16, 4096] (64 for `tiny`, 512 for SD 1.x)",
+    "resolution": ("resolution is the square image size in pixels: a multiple of 8 in [16, 4096] "
+                   "(64 for `tiny`, 512 for SD 1.x)"),
 }
 _STEP_ID_HINT = "step ids start with a letter, then up to 63 letters, digits, `-` or `_`"
 _NAME_HINT = "a name starts with a letter or digit, then up to 63 letters, digits, `.`, `-` or `_`"
@@ -827,11 +840,13 @@ class _ErrorMapper:
         if expansion is not None and kind in _EXPECTED:
             return self._expansion_message(field_name, expansion)
         if expansion is not None and expansion.count == 0 and kind == "too_short":
-            return (f"`{field_name}` is empty: its template expands over the empty list var(s) {_ticks(expansion.names)}",
+            names = _ticks(expansion.names)
+            return (f"`{field_name}` is empty: its template expands over the empty list var(s) {names}",
                     "give the list var at least one value")
         if path == ("model",) and kind in _EXPECTED:
             return (f"expected a model name or a mapping, got {_show(value)}",
-                    "`model: tiny`, a local diffusers folder or a hub id; or a mapping with `base`, `revision`, `dtype`, `device`")
+                    "`model: tiny`, a local diffusers folder or a hub id; "
+                    "or a mapping with `base`, `revision`, `dtype`, `device`")
         if kind in _EXPECTED:
             return f"expected {_EXPECTED[kind]}, got {_show(value)}", self._description(info, field_name)
         if kind in _RANGE_TYPES:
@@ -907,9 +922,10 @@ def _check_steps(spec: Spec, src: _Source) -> list[Problem]:
     for section, step_id, _ in order:
         if step_id in owners:
             first = src.positions.get((owners[step_id], step_id, KEY), (0, 0))[0]
-            problems.append(src.problem((section, step_id, KEY),
-                                        f"step id `{step_id}` is already used by `{owners[step_id]}.{step_id}` (line {first})",
-                                        "step ids must be unique across all sections; rename one of them"))
+            used = f"{owners[step_id]}.{step_id}"
+            problems.append(src.problem(
+                (section, step_id, KEY), f"step id `{step_id}` is already used by `{used}` (line {first})",
+                "step ids must be unique across all sections; rename one of them"))
         else:
             owners[step_id] = section
     for section, step_id, step in spec.steps():

@@ -37,7 +37,8 @@ def _widen_model(props: dict[str, Any]) -> None:
     ref = props["model"]
     props["model"] = {
         "anyOf": [{"type": "string", "minLength": 1}, {k: v for k, v in ref.items() if k == "$ref"}],
-        "description": "The diffusion model: `tiny`, a local diffusers folder or a hub id, or a mapping with `base`, `revision`, `dtype`, `device`.",
+        "description": ("The diffusion model: `tiny`, a local diffusers folder or a hub id, "
+                        "or a mapping with `base`, `revision`, `dtype`, `device`."),
     }
 
 
