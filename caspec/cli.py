@@ -96,7 +96,8 @@ def _report_run(summary: Any, loaded: Any, dry_run: bool) -> None:
     counts: dict[str, int] = {}
     for outcome in summary.outcomes.values():
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
-    tally = ", ".join(f"{n} {s}" for s, n in counts.items()) or "nothing to do"
+    order = ("ran", "would-run", "cached", "awaiting-review", "blocked", "failed")
+    tally = ", ".join(f"{counts[s]} {s}" for s in order if s in counts) or "nothing to do"
     for outcome in summary.by_status("failed"):
         _err(f"error: step `{outcome.id}` failed: {outcome.message}")
         if outcome.hint:
@@ -168,20 +169,29 @@ def schema() -> int:
 
 @main.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("ids", nargs=-1, metavar="[ID]...")
 @click.option("--step", "step_id", required=True, metavar="STEP", help="The select step to review.")
-@click.option("--keep", multiple=True, metavar="ID", help="Mark candidates kept: ids, digest prefixes, or `all`. Repeatable; several per flag allowed.")
-@click.option("--reject", multiple=True, metavar="ID", help="Mark candidates not kept. Repeatable.")
+@click.option("--keep", "action", flag_value="keep", help="Mark the IDs kept (ids, digest prefixes, or `all`).")
+@click.option("--reject", "action", flag_value="reject", help="Mark the IDs not kept.")
 @click.option("--reset", is_flag=True, help="Start the review afresh from the current candidates.")
 @store_option
 @_guard
-def review(spec: str, step_id: str, keep: tuple[str, ...], reject: tuple[str, ...], reset: bool,
-           store: str | None) -> int:
-    """Review the candidates of a select step from a script: keep or reject them by id."""
+def review(spec: str, ids: tuple[str, ...], step_id: str, action: str | None, reset: bool, store: str | None) -> int:
+    """Review the candidates of a select step from a script.
+
+    \b
+    caspec review SPEC --step STEP --keep ID...     mark candidates kept
+    caspec review SPEC --step STEP --reject ID...   mark candidates not kept
+    caspec review SPEC --step STEP                  show the candidates and their state
+    """
     from .review.cli import review_step
 
+    if ids and action is None:
+        raise UsageError("candidate ids given without --keep or --reject", hint="e.g. `--keep s0-p0-c0 s0-p1-c1`")
     loaded = _load(spec)
-    return review_step(loaded, _store_for(loaded, store), step_id, keep=_split(keep), reject=_split(reject),
-                       reset=reset, spec_arg=spec)
+    wanted = _split(ids)
+    return review_step(loaded, _store_for(loaded, store), step_id, keep=wanted if action == "keep" else [],
+                       reject=wanted if action == "reject" else [], reset=reset, spec_arg=spec)
 
 
 def _split(values: tuple[str, ...]) -> list[str]:

@@ -58,7 +58,7 @@ class CallCounter:
 
 @pytest.fixture(scope="module")
 def source_image(pipe):
-    return S.txt2img(pipe, ["a red robot"], [7], steps=STEPS)[0]
+    return S.txt2img(pipe, ["a red robot"], [7], steps=STEPS, batch_size=1)[0]
 
 
 # (a) txt2img equals diffusers' StableDiffusionPipeline fed the same seeded noise
@@ -82,11 +82,16 @@ def test_txt2img_matches_diffusers(pipe):
     lat = torch.cat([S.initial_noise(pipe, s) for s in seeds])
     ref = sd(prompts, latents=lat, num_inference_steps=STEPS, guidance_scale=7.5, height=64, width=64).images
     assert max(_maxdiff(a, b) for a, b in zip(mine, ref)) <= 1
-    # given caspec's embeddings, the denoising loop and decoding are the same bytes
+    # given caspec's embeddings, the denoising loop gives the same latents bit for bit (decoding differs
+    # only in that diffusers decodes the batch at once and caspec one image at a time)
     cond, uncond = S.encode_prompts(pipe, prompts, "", guidance_scale=7.5)
     ref = sd(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=lat, num_inference_steps=STEPS,
-             guidance_scale=7.5, height=64, width=64).images
-    assert [_maxdiff(a, b) for a, b in zip(mine, ref)] == [0, 0, 0]
+             guidance_scale=7.5, height=64, width=64, output_type="latent").images
+    sched = S._scheduler_copy(pipe)
+    sched.set_timesteps(STEPS)
+    latents = S._denoise(pipe, sched, lat * sched.init_noise_sigma, sched.timesteps, cond, uncond, 7.5, pad_to=3)
+    assert torch.equal(latents, ref)
+    assert [i.tobytes() for i in S.decode_latents(pipe, latents)] == [i.tobytes() for i in mine]
 
 
 def test_encode_prompts_matches_diffusers(pipe):
@@ -108,7 +113,8 @@ def test_initial_noise_is_the_seeds_own_cpu_generator(pipe):
 
 def test_sdedit_runs_int_steps_times_strength_unet_calls(pipe, source_image):
     with CallCounter(pipe.unet) as counter:
-        S.sdedit(pipe, [source_image], ["a green robot"], [3], strength=0.86, steps=50, guidance_scale=7.5)
+        S.sdedit(pipe, [source_image], ["a green robot"], [3], strength=0.86, steps=50, guidance_scale=7.5,
+                 batch_size=1)
     assert len(counter.calls) == int(50 * 0.86) == 43
     assert set(counter.calls) == {2}  # conditional + unconditional in one batch
 
@@ -148,14 +154,14 @@ def test_sdedit_encodes_each_distinct_source_once(pipe, source_image):
     other = source_image.transpose(0)  # a different image
     with CallCounter(pipe.vae.encoder) as counter:
         out = S.sdedit(pipe, [source_image, source_image, other, source_image], ["a", "b", "a", "a"], [1, 2, 3, 4],
-                       strength=0.3, steps=STEPS)
+                       strength=0.3, steps=STEPS, batch_size=4)
     assert len(counter.calls) == 2
     assert len(out) == 4
 
 
 def test_sdedit_fits_other_sizes_and_rejects_zero_steps(pipe, source_image):
     big = source_image.resize((96, 80))
-    assert S.sdedit(pipe, [big], ["x"], [1], strength=0.3, steps=STEPS)[0].size == (64, 64)
+    assert S.sdedit(pipe, [big], ["x"], [1], strength=0.3, steps=STEPS, batch_size=1)[0].size == (64, 64)
     with pytest.raises(ValueError, match="no denoising step"):
         S.sdedit(pipe, [source_image], ["x"], [1], strength=0.05, steps=10)
 
@@ -166,8 +172,11 @@ def test_guidance_one_skips_the_unconditional_pass(pipe):
     cond2, uncond2 = S.encode_prompts(pipe, ["a", "b"], "neg", guidance_scale=7.5)
     assert torch.equal(cond, cond2) and torch.equal(uncond2[0], uncond2[1])
     with CallCounter(pipe.unet) as counter:
-        S.txt2img(pipe, ["a", "b"], [1, 2], steps=3, guidance_scale=1.0)
+        S.txt2img(pipe, ["a", "b"], [1, 2], steps=3, guidance_scale=1.0, batch_size=2)
     assert counter.calls == [2, 2, 2]
+    with CallCounter(pipe.unet) as counter:  # a short batch runs padded to the batch shape
+        S.txt2img(pipe, ["a", "b", "c"], [1, 2, 3], steps=2, guidance_scale=7.5, batch_size=2)
+    assert counter.calls == [4, 4, 4, 4]
 
 
 # (c) batching: batches always run at the full batch shape (padded), so with a given batch size an

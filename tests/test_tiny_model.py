@@ -226,3 +226,34 @@ def test_load_pipeline_local_folder_bf16_keeps_vae_fp32(tiny_folder, tmp_path):
     assert next(pipe.unet.parameters()).dtype == torch.bfloat16
     assert pipe.vae_dtype == torch.float32
     assert pipe.identity["kind"] == "local"
+
+
+def test_planning_side_imports_no_torch(tmp_path):
+    """Ops modules and model_identity must not import torch (planning never loads a model)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import caspec.ops.generate, caspec.ops.edit, caspec.ops.seeds, caspec.ops.images\n"
+            "from pathlib import Path\nfrom caspec.models.load import model_identity, native_resolution\n"
+            "from caspec.spec.models import ModelSpec\n"
+            "m = ModelSpec(base='tiny', device='cpu'); model_identity(m, Path('.')); native_resolution(m, Path('.'))\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
+def test_device_auto_without_visible_gpus_is_cpu(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert L.resolve_device(ModelSpec()) == "cpu"
+    assert L.resolve_dtype(ModelSpec()) == "fp32"
+    assert L.resolve_dtype(ModelSpec(device="cuda")) == "fp16"
+
+
+def test_load_pipeline_from_local_hub_cache(tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    commit = "fedcba9876543210fedcba9876543210fedcba98"
+    snap = _fake_hub(tmp_path / "hub", "someone/tiny-sd", commit)
+    shutil.rmtree(snap)
+    shutil.copytree(tiny_folder, snap)
+    pipe = L.load_pipeline(ModelSpec(base="someone/tiny-sd", device="cpu"), tmp_path)
+    assert pipe.identity == {"kind": "hub", "repo": "someone/tiny-sd", "commit": commit, "dtype": "fp32"}
+    assert pipe.resolution == 64

@@ -249,7 +249,14 @@ class _Runner:
     def _finish(self, node: Node, status: str, message: str = "", hint: str | None = None,
                 seconds: float = 0.0) -> None:
         self.summary.outcomes[node.id] = StepOutcome(node.id, status, message, hint, seconds)
-        detail = message if status in STOPPED or status == WOULD_RUN else f"{message} {seconds:.1f}s".strip()
+        if status == AWAITING:
+            detail = "waits for review"
+        elif status == FAILED:
+            detail = "failed (see below)"
+        elif status in STOPPED or status == WOULD_RUN:
+            detail = message
+        else:
+            detail = f"{message} {seconds:.1f}s".strip()
         self.reporter.step_finished(node, status, detail)
 
     def save_state(self) -> None:

@@ -46,9 +46,21 @@ def resolve_device(model: ModelSpec) -> str:
     """``cuda`` or ``cpu`` (``auto`` picks CUDA when available)."""
     if model.device != "auto":
         return model.device
+    if not _may_have_cuda():  # spare planning a torch import on machines without a GPU
+        return "cpu"
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _may_have_cuda() -> bool:
+    """False only when CUDA is surely absent (no NVIDIA driver, or no visible devices)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    if os.name != "posix":
+        return True
+    markers = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg")  # /dev/dxg: WSL2
+    return any(Path(m).exists() for m in markers)
 
 
 def resolve_dtype(model: ModelSpec, device: str | None = None) -> str:

@@ -202,22 +202,25 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
-def write_clip_vocab(folder: Path) -> None:
-    """Write CLIP's ``vocab.json`` and ``merges.txt`` (49408 tokens) into ``folder``."""
+def clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's BPE vocabulary (49408 tokens) and merge list, from open_clip's shipped merges file."""
     lines = gzip.open(_bpe_path()).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
     symbols = list(_bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols]
-    vocab += ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    assert len(vocab) == TEXT_CONFIG["vocab_size"], len(vocab)
+    tokens = symbols + [s + "</w>" for s in symbols]
+    tokens += ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(tokens) == TEXT_CONFIG["vocab_size"], len(tokens)
+    return {tok: i for i, tok in enumerate(tokens)}, merges  # type: ignore[return-value]
+
+
+def write_clip_vocab(folder: Path) -> None:
+    """Write CLIP's ``vocab.json`` and ``merges.txt`` (header ``#version: 0.2``) into ``folder``."""
+    vocab, merges = clip_vocab()
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(
-        json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8"
-    )
-    (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
-    )
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                       encoding="utf-8")
 
 
 def build_tiny(out: Path) -> None:
@@ -244,9 +247,8 @@ def build_tiny(out: Path) -> None:
             torch.set_default_dtype(prev_dtype)
 
     scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
-    with tempfile.TemporaryDirectory() as vocab_dir:
-        write_clip_vocab(Path(vocab_dir))
-        tokenizer = CLIPTokenizer.from_pretrained(vocab_dir, model_max_length=TOKENIZER_MAX_LENGTH)
+    vocab, merges = clip_vocab()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TOKENIZER_MAX_LENGTH)
 
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -259,6 +261,7 @@ def build_tiny(out: Path) -> None:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
+    write_clip_vocab(out / "tokenizer")  # the classic files too, as SD folders ship them
     (out / IDENTITY_FILE).write_text(json.dumps(tiny_identity(), indent=1, sort_keys=True), encoding="utf-8")
 
 
