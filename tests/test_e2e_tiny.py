@@ -89,12 +89,15 @@ def test_demo_run_review_resume_and_cache(demo, tmp_path):
     assert code == 0, err
     assert "1 ran, 3 cached" in err
 
-    # adding a color keeps every existing candidate bit-identical (seeds per prompt and index)
-    old = {p.name: p.read_bytes() for p in (out / "robot-colors").glob("*.png")}
+    # adding a color keeps every existing candidate's pixels bit-identical (seeds per prompt and index)
+    def pixels(folder):
+        return {p.name: Image.open(p).tobytes() for p in folder.glob("*.png")}
+
+    old = pixels(out / "robot-colors")
     demo.write_text(demo.read_text().replace("[silver, purple, gold]", "[silver, purple, gold, red]"))
     code, _, err = cli("run", str(demo))
     assert code == 0, err  # the manifest still names existing candidates; the new ones are appended unreviewed
-    new = {p.name: p.read_bytes() for p in (out / "robot-colors").glob("*.png")}
+    new = pixels(out / "robot-colors")
     assert len(new) == 8 and all(new[name] == data for name, data in old.items())
     assert len(yaml.safe_load(manifest.read_text())["candidates"]) == 8
 

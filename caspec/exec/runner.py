@@ -69,7 +69,8 @@ class UpstreamView:
 def _with_digests(result: dict[str, Any], outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if "images" not in result:
         return result
-    images = [{**img, "digest": outputs[img["file"]]["digest"]} for img in result["images"]]
+    images = [{**img, "digest": img.get("digest") or outputs[img["file"]]["digest"],
+               "file_digest": outputs[img["file"]]["digest"]} for img in result["images"]]
     return {**result, "images": images}
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import StepFailed
 from ..spec.models import EditStep, Spec, sampling_for
 from .base import Op, RunContext, image_entry
-from .images import save_png
+from .images import pixel_digest, save_png
 from .seeds import derive_seed
 
 
@@ -126,7 +126,8 @@ class EditOp(Op):
                 "step": ctx.step_id, "key": ctx.key, "id": iid, "model": ctx.model.base,
             })
             out.append(image_entry(iid, file, prompt=prompt, negative_prompt=p["negative_prompt"], seed=seed,
-                                   source=entry.get("id"), source_index=i, prompt_index=j, candidate=k))
+                                   source=entry.get("id"), source_index=i, prompt_index=j, candidate=k,
+                                   digest=pixel_digest(image)))
         return {"images": out}
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import StepFailed
 from ..spec.models import RootStep, Spec, sampling_for
 from .base import Op, RunContext, image_entry
-from .images import fit_square, save_png
+from .images import fit_square, pixel_digest, save_png
 from .seeds import derive_seed
 
 
@@ -86,7 +86,8 @@ class GenerateOp(Op):
         })
         ctx.progress(1, 1, f"{ctx.step_id}: image")
         return {"images": [image_entry("c000", file, prompt=None, negative_prompt=None, seed=None, source=None,
-                                       prompt_index=None, candidate=0, given=Path(path).name)]}
+                                       prompt_index=None, candidate=0, given=Path(path).name,
+                                       digest=pixel_digest(fitted))]}
 
     # -- txt2img -------------------------------------------------------------------------
 
@@ -120,7 +121,7 @@ class GenerateOp(Op):
                 "source": None, "step": ctx.step_id, "key": ctx.key, "id": cid, "model": ctx.model.base,
             })
             entries.append(image_entry(cid, file, prompt=prompt, negative_prompt=p["negative_prompt"], seed=seed,
-                                       source=None, prompt_index=0, candidate=k))
+                                       source=None, prompt_index=0, candidate=k, digest=pixel_digest(img)))
         return {"images": entries}
 
 

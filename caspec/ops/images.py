@@ -6,6 +6,7 @@ it came from. PNG encoding with the same pixels and metadata gives the same byte
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -32,6 +33,16 @@ def _text(value: Any) -> str:
     if isinstance(value, str):
         return value
     return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+def pixel_digest(image: Image.Image) -> str:
+    """Content digest of an image's decoded RGB pixels (not its file bytes, which carry metadata such as
+    the step key). It identifies candidates in review manifests and seeds the edits made from an image,
+    so a step whose key changes but whose pixels do not keeps its reviews and its downstream seeds."""
+    img = image.convert("RGB") if image.mode != "RGB" else image
+    h = hashlib.sha256(f"RGB:{img.width}x{img.height}:".encode())
+    h.update(img.tobytes())
+    return h.hexdigest()
 
 
 def save_png(path: str | Path, image: Image.Image, meta: Mapping[str, Any]) -> Path:

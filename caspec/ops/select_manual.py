@@ -123,7 +123,7 @@ def _copy_kept(ctx: RunContext, source: Any, images: list[dict[str, Any]], m: Ma
     for img in images:
         if img["digest"] in keep:
             shutil.copyfile(source.file(img["file"]), ctx.out_dir / img["file"])
-            out.append({k: v for k, v in img.items() if k != "digest"})
+            out.append({k: v for k, v in img.items() if k != "file_digest"})
     return out
 
 
