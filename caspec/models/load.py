@@ -289,6 +289,9 @@ def _variant(sub: Path) -> str | None:
 
 def load_pipeline(model: ModelSpec, spec_dir: Path) -> Pipe:
     """Load ``model`` (cached per process: the same identity and device give the same object)."""
+    from . import quiet_libraries
+
+    quiet_libraries()
     identity = model_identity(model, spec_dir)
     device = resolve_device(model)
     cache_key = json.dumps(identity, sort_keys=True) + "|" + device
