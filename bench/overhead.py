@@ -40,7 +40,7 @@ def big_spec(path: Path, n: int) -> None:
     lines.append("edits:")
     lines += [f"  e{i}:\n    from: r{i}\n    prompts: \"a {{{{ color }}}} robot {i}\"\n    strength: 0.86" for i in range(k)]
     lines.append("select:")
-    lines += [f"  s{i}:\n    from: e{i}\n    count: 2" for i in range(n - 2 * k)]
+    lines += [f"  s{i}:\n    from: e{i % k}\n    count: 2" for i in range(n - 2 * k)]
     path.write_text("\n".join(lines) + "\n")
 
 

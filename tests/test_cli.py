@@ -1,0 +1,93 @@
+"""The CLI's contract: exit codes, data on stdout, errors on stderr without tracebacks."""
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from caspec.cli import main
+from caspec.spec.schema import SCHEMA_PATH
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, env: dict | None = None):
+    r = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+    return r.exit_code, r.stdout, r.stderr
+
+
+def spec(tmp: Path, text: str, name: str = "s.yaml") -> str:
+    path = tmp / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def test_validate_all_shipped_specs():
+    paths = [str(p) for p in sorted((ROOT / "specs").glob("*.yaml")) + sorted((ROOT / "recipes").glob("*.yaml"))]
+    assert len(paths) >= 3
+    code, out, err = cli("validate", *paths)
+    assert code == 0, err
+    assert out.count(": ok") == len(paths)
+
+
+def test_bad_spec_exits_2_with_position_and_no_traceback(tmp_path):
+    path = spec(tmp_path, """
+        version: 1
+        roots:
+          r: {prompt: "x", candidats: 2}
+    """)
+    for command in ("validate", "plan", "run"):
+        code, out, err = cli(command, path)
+        assert code == 2, (command, err)
+        assert f"{path}:4:20: error: roots.r.candidats: unknown field" in err
+        assert "hint: did you mean `candidates`?" in err
+        assert "Traceback" not in err and out == ""
+
+
+def test_schema_on_stdout_matches_committed_file():
+    code, out, _ = cli("schema")
+    assert code == 0
+    assert json.loads(out) == json.loads(SCHEMA_PATH.read_text())
+
+
+def test_missing_hub_model_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    path = spec(tmp_path, """
+        version: 1
+        model: {base: "someorg/not-downloaded", revision: main}
+        roots: {r: {prompt: "x"}}
+    """)
+    code, out, err = cli("plan", path)
+    assert code == 2 and out == ""
+    assert "someorg/not-downloaded" in err and "hint:" in err and "Traceback" not in err
+
+
+def test_unknown_step_options_and_review_errors(tmp_path):
+    path = spec(tmp_path, """
+        version: 1
+        roots: {robot: {prompt: "x", candidates: 1}}
+        select: {pick: {from: robot}}
+    """)
+    code, _, err = cli("run", path, "--only", "robto")
+    assert code == 2 and "did you mean `robot`?" in err
+    code, _, err = cli("review", path, "--step", "robot", "--keep", "c000")
+    assert code == 2 and "not a manual select step" in err and "pick" in err
+    code, _, err = cli("review", path, "--step", "pick", "c000")
+    assert code == 2 and "without --keep or --reject" in err
+    code, _, err = cli("review", path, "--step", "pick", "--keep", "c000")
+    assert code == 2 and "has no candidates yet" in err and "caspec run" in err
+
+
+def test_status_and_store_env(tmp_path):
+    path = spec(tmp_path, """
+        version: 1
+        roots: {robot: {prompt: "x", candidates: 1}}
+    """)
+    store = tmp_path / "shared-store"
+    code, out, err = cli("status", path, env={"CASPEC_STORE": str(store)})
+    assert code == 0, err
+    assert f"store: {store}" in out and "entries: 0 steps" in out
+    assert "robot" in out and "run" in out and "never run" in out
+    assert not store.exists()  # status is read-only
