@@ -236,5 +236,41 @@ def gc(specs: tuple[str, ...], store: str | None, dry_run: bool) -> int:
     return 0
 
 
+@main.group()
+def assets() -> None:
+    """Inspect concept assets (the outputs of `concepts` steps)."""
+
+
+@assets.command("list")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@store_option
+@_guard
+def assets_list(spec: str, store: str | None) -> int:
+    """List the finished concept assets of SPEC: name, pseudo-words, base model, final loss, folder."""
+    from .assets.inspect import spec_assets
+
+    loaded = _load(spec)
+    found = spec_assets(loaded, _store_for(loaded, store))
+    for info in found:
+        click.echo(info.summary())
+    if not found:
+        _err(f"no finished concept assets in {loaded.path.name}")
+    return 0
+
+
+@assets.command("show")
+@click.argument("name")
+@click.option("--spec", type=click.Path(dir_okay=False), help="Look NAME up among this spec's assets.")
+@store_option
+@_guard
+def assets_show(name: str, spec: str | None, store: str | None) -> int:
+    """Describe one asset: NAME is an asset folder, or a `concepts` step of --spec."""
+    from .assets.inspect import find_asset
+
+    loaded = _load(spec) if spec else None
+    click.echo(find_asset(name, loaded, _store_for(loaded, store)).describe())
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

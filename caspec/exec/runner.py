@@ -74,6 +74,11 @@ def _with_digests(result: dict[str, Any], outputs: dict[str, dict[str, Any]]) ->
     return {**result, "images": images}
 
 
+def checkpoint_dir(store: Any, key: str) -> Path:
+    """Where a long step (training) keeps resumable checkpoints: survives a crash, removed after commit."""
+    return store.root / "checkpoints" / key
+
+
 def out_dir_for(loaded: Any, step_id: str) -> Path:
     return loaded.dir / "out" / loaded.name / step_id
 
@@ -208,12 +213,15 @@ class _Runner:
             result = node.op.run(ctx)
             meta = {"step_id": node.id, "spec": self.loaded.name, "caspec": __version__,
                     "seconds": round(time.monotonic() - start, 3), "finished": time.time()}
-            return self.store.commit(node.key, staged, kind=node.kind, material=node.material,
-                                     result=result, meta=meta)
+            record = self.store.commit(node.key, staged, kind=node.kind, material=node.material,
+                                       result=result, meta=meta)
+        shutil.rmtree(checkpoint_dir(self.store, node.key), ignore_errors=True)  # only after the commit
+        return record
 
     def _context(self, node: Node, staged: Path) -> RunContext:
         upstream = {role: UpstreamView(self.records[sid]) for role, sid in node.upstream.items()}
-        extra: dict[str, Any] = {"spec_path": _rel(self.loaded.path)}
+        extra: dict[str, Any] = {"spec_path": _rel(self.loaded.path), "model_identity": self.plan.model_identity,
+                                 "checkpoint_dir": checkpoint_dir(self.store, node.key)}
         if node.gate is not None:
             source_id = node.upstream.get("source", "")
             extra.update(manifest=node.gate.manifest, decision=node.gate.material, source_id=source_id,

@@ -287,13 +287,18 @@ def _variant(sub: Path) -> str | None:
     return "fp16" if fp16 and not plain else None
 
 
-def load_pipeline(model: ModelSpec, spec_dir: Path) -> Pipe:
-    """Load ``model`` (cached per process: the same identity and device give the same object)."""
+def load_pipeline(model: ModelSpec, spec_dir: Path, *, fresh: bool = False) -> Pipe:
+    """Load ``model`` (cached per process: the same identity and device give the same object).
+
+    ``fresh=True`` bypasses the cache: it returns a newly loaded, independent :class:`Pipe` (neither
+    taken from nor put into the cache) that the caller may mutate, e.g. to train it."""
     from . import quiet_libraries
 
     quiet_libraries()
     identity = model_identity(model, spec_dir)
     device = resolve_device(model)
+    if fresh:
+        return _load(model, spec_dir, identity, device)
     cache_key = json.dumps(identity, sort_keys=True) + "|" + device
     with _PIPES_LOCK:
         pipe = _PIPES.get(cache_key)

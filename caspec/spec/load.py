@@ -908,7 +908,7 @@ class _ErrorMapper:
 
 # --------------------------------------------------------------------------- phase 4: cross-references
 
-_READS_FROM = {"edits": ("roots", "select"), "select": ("roots", "edits")}
+_READS_FROM = {"edits": ("roots", "select"), "select": ("roots", "edits"), "concepts": ("select", "roots", "edits")}
 _WRONG_KIND_HINT = {
     ("edits", "edits"): "to edit an edit's candidates, add a `select` step over `{ref}` and edit that",
     ("select", "select"): "select from the step that `{ref}` selects from",
@@ -933,6 +933,50 @@ def _check_steps(spec: Spec, src: _Source) -> list[Problem]:
             problem = _check_ref(section, step_id, step.from_, owners, src)
             if problem is not None:
                 problems.append(problem)
+    return problems + _check_pseudo_words(spec, src)
+
+
+_WORD_IN_TEXT = re.compile(r"<[^<>\s]+>")
+_RESERVED_TOKENS = {"<|startoftext|>", "<|endoftext|>"}
+
+
+def _word_regex(token: str) -> re.Pattern:
+    return re.compile(re.escape(token).replace(re.escape("{k}"), r"[0-9]+") + "$")
+
+
+def _tokens_overlap(a: str, b: str) -> bool:
+    """Whether two pseudo-word templates can produce the same word (`<robot{k}>` vs `<robot2>`)."""
+    if a == b:
+        return True
+    probe = lambda t: t.replace("{k}", "1")  # noqa: E731 - a literal instance of a template
+    return bool(_word_regex(a).match(probe(b)) or _word_regex(b).match(probe(a)))
+
+
+def _check_pseudo_words(spec: Spec, src: _Source) -> list[Problem]:
+    """Pseudo-words unique within and across concepts; captions and previews use only defined ones."""
+    problems: list[Problem] = []
+    seen: list[tuple[str, str, int]] = []  # (token, concept id, index)
+    for cid, concept in spec.concepts.items():
+        for i, word in enumerate(concept.words):
+            path = ("concepts", cid, "words", i, "token")
+            clash = next(((t, c) for t, c, _ in seen if _tokens_overlap(t, word.token)), None)
+            if word.token in _RESERVED_TOKENS:
+                problems.append(src.problem(path, f"`{word.token}` is one of CLIP's special tokens",
+                                            "choose a new pseudo-word such as `<dance1>`"))
+            elif clash is not None:
+                where = "this concept" if clash[1] == cid else f"concept `{clash[1]}`"
+                problems.append(src.problem(path, f"pseudo-word `{word.token}` collides with `{clash[0]}` of {where}",
+                                            "every pseudo-word must be unique in the spec; rename one (e.g. `<dance2>`)"))
+            seen.append((word.token, cid, i))
+        regexes = [_word_regex(w.token) for w in concept.words]
+        texts = [(("caption",), concept.caption)] if concept.caption is not None else []
+        texts += [(("preview_prompts", j), p) for j, p in enumerate(concept.preview_prompts or [])]
+        for sub, text in texts:
+            for used in _WORD_IN_TEXT.findall(text):
+                if not any(r.match(used.replace("{k}", "1")) for r in regexes):
+                    defined = ", ".join(f"`{w.token}`" for w in concept.words)
+                    problems.append(src.problem(("concepts", cid, *sub), f"`{used}` is not a pseudo-word of this concept",
+                                                f"defined here: {defined}; add it to `words` or fix the spelling"))
     return problems
 
 

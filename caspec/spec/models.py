@@ -107,7 +107,69 @@ class SelectStep(_Model):
     manifest: str | None = Field(None, description="Review manifest path, relative to the spec file. Default: `reviews/<spec-name>/<step-id>.yaml`.")
 
 
-SECTIONS: dict[str, str] = {"roots": "root", "edits": "edit", "select": "select"}
+PSEUDO_WORD = r"^<[A-Za-z0-9_.-]*(\{k\})?[A-Za-z0-9_.-]*>$"
+
+
+class PseudoWordSpec(_Model):
+    """A pseudo-word: constant (`<dance1>`, shared by every image) or varied (`<robot{k}>`, one per image k)."""
+
+    token: Annotated[str, StringConstraints(pattern=PSEUDO_WORD, min_length=3, max_length=64)] = Field(
+        description="The pseudo-word, in angle brackets. `{k}` (1-based image index) makes it one word per image.")
+    init: str = Field(min_length=1, description="An ordinary word whose embedding seeds the pseudo-word's (e.g. `dance`, `robot`).")
+
+    @property
+    def varied(self) -> bool:
+        return "{k}" in self.token
+
+
+class TrainSettings(_Model):
+    """Two-phase training: multi-token textual inversion, then embeddings + LoRA (text encoder and UNet).
+    Defaults are the paper's (1000 + 1000 steps)."""
+
+    phase1_steps: int = Field(1000, ge=0, le=100_000, description="Steps training only the new embeddings.")
+    phase2_steps: int = Field(1000, ge=0, le=100_000, description="Steps training embeddings jointly with LoRA.")
+    lr_embeddings: float = Field(5e-3, gt=0, le=1)
+    lr_lora_unet: float = Field(1e-4, gt=0, le=1)
+    lr_lora_text: float = Field(5e-5, gt=0, le=1)
+    lora_rank: int = Field(4, ge=1, le=256)
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; default: the rank (scale 1).")
+    unet_targets: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+    text_targets: list[str] = Field(["q_proj", "k_proj", "v_proj", "out_proj"], min_length=1)
+    batch_size: int = Field(1, ge=1, le=64)
+    grad_accum: int = Field(1, ge=1, le=64)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Default: the spec's seed.")
+    gradient_checkpointing: bool = False
+    min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting (e.g. 5.0); off by default.")
+    weight_decay: float = Field(1e-2, ge=0, le=1)
+    checkpoint_every: int = Field(100, ge=0, description="Save a resumable checkpoint every N steps (0: never).")
+    preview_every: int = Field(0, ge=0, description="Render previews every N steps (0: only at the end).")
+    cache_latents: bool = Field(True, description="VAE-encode each image once rather than every step.")
+    flip: bool = Field(False, description="Random horizontal flips (augmentation).")
+
+    @model_validator(mode="after")
+    def _some_steps(self) -> "TrainSettings":
+        if self.phase1_steps + self.phase2_steps < 1:
+            raise ValueError("phase1_steps + phase2_steps must be at least 1")
+        return self
+
+
+class ConceptStep(_Model):
+    """Train a concept asset from the images of a step: image k gets the caption with `{k}` = k."""
+
+    from_: StepId = Field(alias="from", description="Id of the select (or root/edit) step whose images are learned, in order k = 1..N.")
+    words: list[PseudoWordSpec] = Field(min_length=1, description="The pseudo-words with their initializer words.")
+    caption: str | None = Field(None, description="Caption template for image k, e.g. `a photo of <dance1> <robot{k}>`; default: the words joined by spaces.")
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    preview_prompts: list[str] | None = Field(None, description="Prompts rendered as previews (default: the first captions).")
+    resolution: int | None = Field(None, ge=16, le=4096, multiple_of=8, description="Training resolution; default: the model's native size.")
+
+    def caption_for(self, k: int) -> str:
+        template = self.caption if self.caption is not None else " ".join(w.token for w in self.words)
+        return template.replace("{k}", str(k))
+
+
+SECTIONS: dict[str, str] = {"roots": "root", "edits": "edit", "select": "select", "concepts": "train"}
 """Spec section name -> step kind."""
 
 
@@ -125,6 +187,7 @@ class Spec(_Model):
     roots: dict[StepId, RootStep] = Field(default_factory=dict)
     edits: dict[StepId, EditStep] = Field(default_factory=dict)
     select: dict[StepId, SelectStep] = Field(default_factory=dict)
+    concepts: dict[StepId, ConceptStep] = Field(default_factory=dict, description="Concept assets to train (step kind `train`).")
 
     def steps(self) -> Iterator[tuple[str, str, _Model]]:
         """Yield ``(section, step_id, step)`` for every step, in file order within each section."""

@@ -56,8 +56,21 @@ def live_keys(store: Any, loaded_specs: list[Any]) -> set[str]:
     return keep
 
 
+def _stale_checkpoints(store: Any, keep: set[str]) -> list[Path]:
+    root = store.root / "checkpoints"
+    return [d for d in sorted(root.iterdir()) if d.name not in keep] if root.is_dir() else []
+
+
 def collect_garbage(store: Any, loaded_specs: list[Any], *, dry_run: bool) -> str:
-    report = store.gc(live_keys(store, loaded_specs), dry_run=dry_run)
+    import shutil
+
+    keep = live_keys(store, loaded_specs)
+    report = store.gc(keep, dry_run=dry_run)
+    for folder in _stale_checkpoints(store, keep):  # resumable training state of steps no spec needs
+        report.bytes_freed += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        report.temp_dirs.append(str(folder))
+        if not dry_run:
+            shutil.rmtree(folder, ignore_errors=True)
     verb = "would remove" if dry_run else "removed"
     lines = [f"{verb} {len(report.records)} step(s), {len(report.objects)} object(s), "
              f"{len(report.temp_dirs)} temp dir(s); {'would free' if dry_run else 'freed'} "

@@ -1,0 +1,108 @@
+"""Step kind `train` (spec section `concepts`): turn the images of a step into a concept asset.
+
+Image k (1-based, in the upstream step's order) gets the caption template with `{k}` = k, e.g.
+`<dance1> <robot3>`: one shared pseudo-word for the constant attribute, one per image for the varied one
+(paper, section 3.3-3.4). Training itself is `caspec.train`; the asset format is `caspec.assets`.
+A killed training resumes from its last checkpoint, kept in the store under the step's key.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+from typing import Any
+
+from ..errors import StepFailed
+from .base import Op, RunContext
+
+LIBRARIES = ("caspec", "torch", "diffusers", "transformers", "peft")
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+        return "unknown"
+
+
+class TrainOp(Op):
+    KIND = "train"
+    VERSION = 1
+
+    def params(self, step: Any, spec: Any) -> dict[str, Any]:
+        settings = step.train.model_dump()
+        settings["seed"] = spec.defaults.seed if settings["seed"] is None else settings["seed"]
+        settings["lora_alpha"] = float(settings["lora_alpha"] or settings["lora_rank"])
+        return {"words": [{"token": w.token, "init": w.init} for w in step.words],
+                "caption": step.caption if step.caption is not None else " ".join(w.token for w in step.words),
+                "preview_prompts": step.preview_prompts, "resolution": step.resolution, "train": settings}
+
+    def upstream(self, step: Any) -> dict[str, str]:
+        return {"images": step.from_}
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        from PIL import Image
+
+        from ..assets.format import write_card
+        from ..models.load import load_pipeline
+        from ..train import PseudoWord, TrainConfig, train_concept
+        from .images import fit_square
+
+        p = ctx.params
+        source = ctx.upstream["images"]
+        images = source.result.get("images") or []
+        if not images:
+            raise StepFailed(ctx.step_id, "the upstream step kept no images to learn from",
+                             hint="keep at least one candidate in the review (the paper keeps 5-8)")
+        pipe = load_pipeline(ctx.model, ctx.spec_dir, fresh=True)
+        res = p["resolution"] or pipe.resolution
+        n = len(images)
+        words = _expand_words(p["words"], n)
+        captions = [p["caption"].replace("{k}", str(k)) for k in range(1, n + 1)]
+        items = [(fit_square(Image.open(source.file(img["file"])).convert("RGB"), res), cap)
+                 for img, cap in zip(images, captions)]
+        cfg = TrainConfig(**{**p["train"], "unet_targets": tuple(p["train"]["unet_targets"]),
+                             "text_targets": tuple(p["train"]["text_targets"])})
+        total = cfg.phase1_steps + cfg.phase2_steps
+
+        def progress(step: int, _total: int, info: dict[str, Any]) -> None:
+            ctx.progress(step, total, f"{ctx.step_id}: loss {info.get('loss', float('nan')):.4f}")
+
+        try:
+            summary = train_concept(pipe, words, items, cfg, ctx.out_dir, checkpoint_dir=ctx.extra["checkpoint_dir"],
+                                    preview_prompts=p["preview_prompts"], progress=progress)
+        except ValueError as exc:
+            raise StepFailed(ctx.step_id, str(exc)) from None
+        card = _card(ctx, p, words, captions, images, source.key, summary)
+        write_card(ctx.out_dir, card)
+        return {"asset": {"tokens": [w.token for w in words], "final_loss": summary.get("final_loss"),
+                          "images": n}}
+
+
+def _expand_words(words: list[dict[str, str]], n: int) -> list[Any]:
+    from ..train import PseudoWord
+
+    out = []
+    for w in words:
+        if "{k}" in w["token"]:
+            out += [PseudoWord(w["token"].replace("{k}", str(k)), w["init"], "varied") for k in range(1, n + 1)]
+        else:
+            out.append(PseudoWord(w["token"], w["init"], "constant"))
+    return out
+
+
+def _card(ctx: RunContext, p: dict[str, Any], words: list[Any], captions: list[str], images: list[dict[str, Any]],
+          source_key: str, summary: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "format": 1,
+        "kind": "caspec concept asset",
+        "pseudo_words": [{"token": w.token, "init": w.init, "role": w.role} for w in words],
+        "captions": captions,
+        "base_model": {"base": ctx.model.base, "identity": ctx.extra.get("model_identity")},
+        "training": p["train"],
+        "seed": p["train"]["seed"],
+        "training_images": {"step_key": source_key,
+                            "images": [{"id": img["id"], "digest": img["digest"], "prompt": img.get("prompt")}
+                                       for img in images]},
+        "key": ctx.key,
+        "libraries": {name: _version(name) for name in LIBRARIES},
+        "result": {k: summary.get(k) for k in ("initial_loss", "final_loss", "steps", "resumed_from", "seconds")},
+    }
