@@ -194,3 +194,30 @@ def test_concurrent_runs_run_each_step_once(tmp_path):
     assert log.read_text().splitlines() == ["run a"]  # the second run found it cached after the lock
     for k in ("a", "ea"):
         assert store.verify(store.get(make_plan(loaded, store, model_identity={"k": 1}).nodes[k].key)) == []
+
+
+def test_prefilled_manifest_by_id_runs_without_pausing_and_keys_settle(tmp_path):
+    loaded, store = setup(tmp_path)
+    manifest = tmp_path / "reviews" / "t" / "pick.yaml"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("candidates:\n  - {id: s0-p0-c0, keep: true}\n  - {id: s1-p1-c0, keep: true}\n")
+    plan = make_plan(loaded, store, model_identity={"k": 1})
+    assert plan.nodes["pick"].status == "run" and plan.nodes["pick"].gate.provisional
+    s = go(loaded, store)
+    assert s.exit_code == 0 and s.outcomes["pick"].status == "ran"
+    data = yaml.safe_load(manifest.read_text())
+    assert {c["id"]: len(c["digest"]) for c in data["candidates"] if c["keep"]} == {"s0-p0-c0": 64, "s1-p1-c0": 64}
+    assert len(data["candidates"]) == 4  # the others were appended, unreviewed
+    replan = make_plan(loaded, store, model_identity={"k": 1})
+    assert {n.status for n in replan.order()} == {"cached"}  # the digests written in give the same key
+    assert sorted(p.name for p in (tmp_path / "out" / "t" / "pick").glob("*.png")) == ["s0-p0-c0.png", "s1-p1-c0.png"]
+
+
+def test_prefilled_manifest_with_unknown_id_is_stale(tmp_path):
+    loaded, store = setup(tmp_path)
+    manifest = tmp_path / "reviews" / "t" / "pick.yaml"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("candidates:\n  - {id: s0-p0-c0, keep: true}\n  - {id: s9-p9-c9, keep: true}\n")
+    s = go(loaded, store)
+    assert s.outcomes["pick"].status == "failed"
+    assert "s9-p9-c9 (no such id)" in s.outcomes["pick"].message

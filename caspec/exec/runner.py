@@ -16,8 +16,8 @@ from typing import Any, Iterable
 
 from .. import __version__
 from ..errors import CaspecError, ReviewPending, UsageError
-from ..ops.base import RunContext
-from ..plan.graph import AWAITING, CACHED, Node, Plan, make_plan
+from ..ops.base import RunContext, UpstreamView
+from ..plan.graph import AWAITING, CACHED, Node, Plan, make_plan, rekey
 from .progress import NullReporter
 
 RAN, FAILED, WOULD_RUN = "ran", "failed", "would-run"
@@ -49,29 +49,6 @@ class RunSummary:
 
     def by_status(self, status: str) -> list[StepOutcome]:
         return [o for o in self.outcomes.values() if o.status == status]
-
-
-class UpstreamView:
-    """What an op sees of a finished upstream step (see ops.base.UpstreamOutput)."""
-
-    def __init__(self, record: Any):
-        self.record = record
-        self.key = record.key
-        self.result = _with_digests(record.result, record.outputs)
-
-    def file(self, relpath: str) -> Path:
-        return self.record.file(relpath)
-
-    def digest(self, relpath: str) -> str:
-        return self.record.digest(relpath)
-
-
-def _with_digests(result: dict[str, Any], outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    if "images" not in result:
-        return result
-    images = [{**img, "digest": img.get("digest") or outputs[img["file"]]["digest"],
-               "file_digest": outputs[img["file"]]["digest"]} for img in result["images"]]
-    return {**result, "images": images}
 
 
 def checkpoint_dir(store: Any, key: str) -> Path:
@@ -163,6 +140,10 @@ class _Runner:
 
     def _execute(self, node: Node) -> None:
         start = time.monotonic()
+        # key from the upstream records actually used (and, for a gate, its manifest resolved against them)
+        upstream = {role: UpstreamView(self.records[sid]) for role, sid in node.upstream.items()}
+        rekey(node, self.loaded, {role: view.key for role, view in upstream.items()}, self.plan.model_identity,
+              upstream if node.op.IS_GATE else None)
         try:
             record, ran = self._cached_or_run(node)
         except ReviewPending as exc:

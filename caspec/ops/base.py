@@ -56,6 +56,7 @@ class Op:
     KIND: ClassVar[str]
     VERSION: ClassVar[int] = 1
     USES_MODEL: ClassVar[bool] = True
+    IS_GATE: ClassVar[bool] = False  # a review gate: implements ``gate``
 
     def params(self, step: Any, spec: Spec) -> dict[str, Any]:
         raise NotImplementedError
@@ -69,8 +70,9 @@ class Op:
     def run(self, ctx: RunContext) -> dict[str, Any]:
         raise NotImplementedError
 
-    def gate(self, step: Any, step_id: str, loaded: Any) -> "GateState | None":
-        """For review gates: the person's decision as read from disk (read-only). None for ordinary ops."""
+    def gate(self, step: Any, step_id: str, loaded: Any, upstream: dict[str, Any] | None = None) -> "GateState | None":
+        """For review gates: the person's decision as read from disk (read-only), given the upstream outputs
+        when they exist (role -> UpstreamOutput). None for ordinary ops."""
         return None
 
 
@@ -83,6 +85,31 @@ class GateState:
     material: dict[str, Any]
     reason: str = ""
     source_key: str | None = None
+    provisional: bool = False  # the decision could not be resolved to digests yet (upstream not run)
+
+
+class UpstreamView:
+    """What an op sees of a finished upstream step (see UpstreamOutput): images carry ``digest``
+    (the op's pixel digest, else the file's) and ``file_digest``."""
+
+    def __init__(self, record: Any):
+        self.record = record
+        self.key = record.key
+        self.result = _with_digests(record.result, record.outputs)
+
+    def file(self, relpath: str) -> Path:
+        return self.record.file(relpath)
+
+    def digest(self, relpath: str) -> str:
+        return self.record.digest(relpath)
+
+
+def _with_digests(result: dict[str, Any], outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    if "images" not in result:
+        return result
+    images = [{**img, "digest": img.get("digest") or outputs[img["file"]]["digest"],
+               "file_digest": outputs[img["file"]]["digest"]} for img in result["images"]]
+    return {**result, "images": images}
 
 
 def image_entry(id: str, file: str, **meta: Any) -> dict[str, Any]:

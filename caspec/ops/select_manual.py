@@ -35,6 +35,7 @@ class SelectManualOp(Op):
     KIND = "select"
     VERSION = 1
     USES_MODEL = False
+    IS_GATE = True
 
     def params(self, step: Any, spec: Any) -> dict[str, Any]:
         return {"by": step.by, "count": step.count}
@@ -42,7 +43,7 @@ class SelectManualOp(Op):
     def upstream(self, step: Any) -> dict[str, str]:
         return {"source": step.from_}
 
-    def gate(self, step: Any, step_id: str, loaded: Any) -> GateState:
+    def gate(self, step: Any, step_id: str, loaded: Any, upstream: dict[str, Any] | None = None) -> GateState:
         path = manifest_path(loaded, step_id, step)
         try:
             m = read_manifest(path)
@@ -51,7 +52,13 @@ class SelectManualOp(Op):
         if m is None:
             return GateState(path, False, {"keep": None}, "review manifest not written yet")
         problem = _count_problem(len(m.kept()), step.count)
-        return GateState(path, not problem, m.decision(), problem, m.source_key)
+        source = (upstream or {}).get("source")
+        by_id = {img["id"]: img["digest"] for img in source.result["images"]} if source is not None else None
+        decision = m.decision(by_id)
+        if decision is None:  # pre-filled by id; exact once the candidates exist
+            ids = sorted(c.id for c in m.kept())
+            return GateState(path, not problem, {"keep_ids": ids}, problem, m.source_key, provisional=True)
+        return GateState(path, not problem, decision, problem, m.source_key)
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         source = ctx.upstream["source"]
@@ -97,9 +104,14 @@ def _new_candidate(img: dict[str, Any], rel: dict[str, str]) -> Candidate:
 def _reconcile(step_id: str, m: Manifest, images: list[dict[str, Any]], rel: dict[str, str], source_key: str) -> None:
     """Refuse stale candidates; append new ones unreviewed; refresh image paths. Saves if anything changed."""
     current = {img["digest"] for img in images}
+    by_id = {img["id"]: img["digest"] for img in images}
+    for c in m.candidates:  # pre-filled entries (id only): take the digest of that candidate
+        if not c.digest and c.id in by_id:
+            c.digest = by_id[c.id]
+            m.source_key = None  # forces a save below
     stale = [c for c in m.candidates if c.digest not in current]
     if stale:
-        listed = ", ".join(f"{c.id} ({c.digest[:10]})" for c in stale)
+        listed = ", ".join(f"{c.id} ({c.digest[:10] or 'no such id'})" for c in stale)
         raise ReviewError(step_id, f"`{_show(m.path)}` names {len(stale)} candidate(s) that step "
                           f"`{m.source or 'source'}` no longer produces: {listed}",
                           hint=f"upstream changed since the review: delete `{_show(m.path)}` (or run `caspec review "

@@ -32,6 +32,7 @@ class Node:
     inputs: dict[str, Path]
     upstream: dict[str, str]  # role -> step id
     gate: GateState | None = None
+    input_digests: dict[str, str] = field(default_factory=dict)
     material: dict[str, Any] = field(default_factory=dict)
     key: str = ""
     status: str = RUN
@@ -108,17 +109,37 @@ def make_plan(loaded: Any, store: Any, *, force: set[str] | frozenset[str] = fro
     previous = store.read_state(loaded.name).get("steps", {})
     digests: dict[Path, str] = {}
     for node in nodes.values():
-        node.gate = node.op.gate(node.step, node.id, loaded)
-        inputs = {role: _file_digest(p, digests) for role, p in node.inputs.items()}
-        if node.gate is not None:
-            inputs["review"] = node.gate.material
-        node.material = key_material(
-            kind=node.kind, op_version=node.op.VERSION, params=node.params,
-            model=model_identity if node.op.USES_MODEL else None, inputs=inputs,
-            upstream={role: nodes[sid].key for role, sid in node.upstream.items()})
-        node.key = cache_key(node.material)
+        node.input_digests = {role: _file_digest(p, digests) for role, p in node.inputs.items()}
+        upstream = _cached_upstream(node, nodes, store) if node.op.IS_GATE else None
+        rekey(node, loaded, {role: nodes[sid].key for role, sid in node.upstream.items()}, model_identity, upstream)
         _set_status(node, nodes, store, force, previous.get(node.id))
     return Plan(loaded=loaded, nodes=nodes, model_identity=model_identity)
+
+
+def rekey(node: Node, loaded: Any, upstream_keys: dict[str, str], model_identity: dict[str, Any] | None,
+          upstream: dict[str, Any] | None = None) -> None:
+    """(Re)compute a node's gate state, key material and key from its upstream keys (and, for review
+    gates, the upstream outputs when they exist, which resolves manifests pre-filled by candidate id)."""
+    inputs = dict(node.input_digests)
+    if node.op.IS_GATE:
+        node.gate = node.op.gate(node.step, node.id, loaded, upstream)
+    if node.gate is not None:
+        inputs["review"] = node.gate.material
+    node.material = key_material(
+        kind=node.kind, op_version=node.op.VERSION, params=node.params,
+        model=model_identity if node.op.USES_MODEL else None, inputs=inputs, upstream=upstream_keys)
+    node.key = cache_key(node.material)
+
+
+def _cached_upstream(node: Node, nodes: dict[str, Node], store: Any) -> dict[str, Any] | None:
+    from ..ops.base import UpstreamView
+
+    views = {}
+    for role, sid in node.upstream.items():
+        if nodes[sid].status != CACHED or (record := store.get(nodes[sid].key)) is None:
+            return None
+        views[role] = UpstreamView(record)
+    return views
 
 
 def _set_status(node: Node, nodes: dict[str, Node], store: Any, force: set[str] | frozenset[str],

@@ -2,7 +2,9 @@
 
 A manifest lists every candidate of the reviewed step (id, content digest, image path, prompt, seed)
 with ``keep: true|false``. Its *decision* (the sorted digests kept) enters the select step's cache key,
-so editing the manifest is what lets a paused run go on. Writes are atomic (temp file + os.replace).
+so editing the manifest is what lets a paused run go on. A manifest may be pre-filled by hand or shipped
+with a recipe: entries with an ``id`` and ``keep`` but no ``digest`` are resolved against the candidates
+(and their digests written in) once those exist. Writes are atomic (temp file + os.replace).
 """
 from __future__ import annotations
 
@@ -52,8 +54,16 @@ class Manifest:
     def kept(self) -> list[Candidate]:
         return [c for c in self.candidates if c.keep]
 
-    def decision(self) -> dict[str, Any]:
-        return {"keep": sorted(c.digest for c in self.kept())}
+    def decision(self, digests_by_id: dict[str, str] | None = None) -> dict[str, Any] | None:
+        """Sorted kept digests; entries without a digest are looked up by id in ``digests_by_id``.
+        None when some kept entry cannot be resolved yet (its candidates do not exist yet)."""
+        out = []
+        for c in self.kept():
+            digest = c.digest or (digests_by_id or {}).get(c.id)
+            if not digest:
+                return None
+            out.append(digest)
+        return {"keep": sorted(out)}
 
     def by_id(self) -> dict[str, Candidate]:
         return {c.id: c for c in self.candidates}
@@ -92,14 +102,15 @@ def read_manifest(path: Path) -> Manifest | None:
 def _candidate(path: Path, i: int, raw: Any) -> Candidate:
     if not isinstance(raw, dict):
         raise _fail(path, f"candidates[{i}] should be a mapping")
-    for name in ("id", "digest"):
-        if not isinstance(raw.get(name), str) or not raw[name]:
-            raise _fail(path, f"candidates[{i}].{name} is missing")
+    if not isinstance(raw.get("id"), str) or not raw["id"]:
+        raise _fail(path, f"candidates[{i}].id is missing")
+    if not isinstance(raw.get("digest", ""), str):
+        raise _fail(path, f"candidates[{i}].digest should be a string")
     keep = raw.get("keep", False)
     if not isinstance(keep, bool):
         raise _fail(path, f"candidates[{i}].keep should be true or false, not {keep!r}")
     meta = {k: v for k, v in raw.items() if k not in ("id", "digest", "image", "keep")}
-    return Candidate(id=raw["id"], digest=raw["digest"], image=str(raw.get("image", "")), keep=keep, meta=meta)
+    return Candidate(id=raw["id"], digest=raw.get("digest") or "", image=str(raw.get("image", "")), keep=keep, meta=meta)
 
 
 def write_manifest(m: Manifest) -> None:
@@ -158,6 +169,6 @@ def match_ids(m: Manifest, wanted: list[str]) -> tuple[list[Candidate], list[str
         elif w in ids:
             found.append(ids[w])
         else:
-            hits = [c for c in m.candidates if len(w) >= 6 and c.digest.startswith(w)]
+            hits = [c for c in m.candidates if len(w) >= 6 and c.digest and c.digest.startswith(w)]
             found.extend(hits) if len(hits) == 1 else unknown.append(w)
     return found, unknown

@@ -1,0 +1,579 @@
+"""Two-phase concept training (paper, section 3.4): multi-token textual inversion, then jointly with LoRA.
+
+``train_concept(pipe, words, items, cfg, out_dir, checkpoint_dir=...)`` learns one embedding row per
+pseudo-word from (image k, caption k) pairs — image k is always paired with its own caption, e.g.
+``<dance1> <robot3>`` — by minimising the diffusion loss of eq. (5):
+``|| target - unet(z_t^k, t, text_encoder(caption_k)) ||²`` with ``z_t^k = add_noise(z0^k, ε, t)``,
+``t ~ U[0, num_train_timesteps)``, target ``ε`` (or ``v`` for v-prediction models), optionally
+min-SNR weighted.
+
+* Phase 1 (``phase1_steps``) trains only the new embedding rows (AdamW, ``lr_embeddings``).
+* Phase 2 (``phase2_steps``) injects LoRA (peft, ``init_lora_weights="gaussian"``: B = 0, so the
+  adapters start as a no-op) into the text encoder and UNet, and trains embeddings + both LoRAs
+  with a fresh AdamW (three parameter groups with their own learning rates). Base weights stay frozen.
+
+Only the new rows change: they live in a separate fp32 ``nn.Parameter`` [n_new, d] that a forward
+hook on the token-embedding layer splices into its output wherever a new id occurs. The embedding
+table itself is never written during training (so weight decay cannot touch other rows); at the
+end the learned rows are written into it and the hook is removed.
+
+Determinism: everything random in step ``s`` (data order, flips, timesteps, noise, and the global
+RNG for anything else, e.g. dropout) comes from generators seeded with
+``derive_seed(cfg.seed, purpose, s)``, and the LoRA initialisation from ``derive_seed(cfg.seed,
+"lora-init", component)``. A run resumed from a checkpoint therefore continues exactly the sequence
+an uninterrupted run takes: same seed and inputs give bit-identical assets on the same machine.
+The caller's global RNG state is left untouched.
+
+Checkpoints (``checkpoint_dir/checkpoint.pt``, every ``checkpoint_every`` optimizer steps, written
+atomically) hold the new embeddings, LoRA weights, optimizer and GradScaler state, the step, phase,
+loss log and a fingerprint of everything that decides the result; a checkpoint that is unreadable,
+incomplete or from other inputs is ignored (training restarts from step 0).
+
+The pipe is modified in place (tokens, rows, LoRA adapters): pass one from
+``load_pipeline(..., fresh=True)``, never the shared cached one.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..assets import format as fmt
+from ..ops.seeds import derive_seed
+from .config import NON_NUMERIC_SETTINGS, PseudoWord, TrainConfig
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = "caspec-train-checkpoint"
+CHECKPOINT_VERSION = 1
+TRAINER_VERSION = 1  # bump when the training numerics change (enters the checkpoint fingerprint)
+PREVIEW_STEPS = 20
+PREVIEW_GUIDANCE = 7.5
+DEFAULT_PREVIEWS = 4
+LOSS_WINDOW = 20  # initial/final loss = mean of the first/last (up to) this many steps
+
+Progress = Callable[[int, int, dict], None]
+
+
+def train_concept(
+    pipe: Any,
+    words: list[PseudoWord],
+    items: list[tuple[Image.Image, str]],
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    checkpoint_dir: str | Path,
+    preview_prompts: list[str] | None = None,
+    progress: Progress | None = None,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train the pseudo-words (and LoRA) on ``items`` and write the asset into ``out_dir``.
+
+    ``items``: (image, caption) pairs; every caption should contain its pseudo-words.
+    ``progress(step, total, {"loss", "phase", "lr"})`` is called after every optimizer step.
+    ``stop_after``: test hook, raise ``KeyboardInterrupt`` after that many optimizer steps of this call.
+
+    Returns a summary: ``initial_loss`` / ``final_loss`` (mean of the first / last up to 20 steps),
+    ``steps`` (total optimizer steps), ``steps_run`` (in this call), ``resumed_from`` (the step a
+    checkpoint restored, or None), ``seconds`` (this call), ``tokens``.
+    """
+    if not isinstance(cfg, TrainConfig):
+        raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    cfg.validate()
+    trainer = _Trainer(pipe, list(words), list(items), cfg, Path(out_dir), Path(checkpoint_dir),
+                       preview_prompts, progress, stop_after)
+    return trainer.run()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_inputs(pipe: Any, words: list[PseudoWord], items: list[tuple[Image.Image, str]], cfg: TrainConfig,
+                  preview_prompts: list[str] | None, stop_after: int | None) -> None:
+    from ..models import load as model_load
+
+    if any(pipe is shared for shared in list(model_load._PIPES.values())):
+        raise ValueError("train_concept changes the pipe it trains: pass one loaded with "
+                         "load_pipeline(..., fresh=True), not the shared cached pipe")
+    if not words:
+        raise ValueError("no pseudo-words to train")
+    for w in words:
+        if not isinstance(w, PseudoWord):
+            raise ValueError(f"words must be PseudoWord objects, got {type(w).__name__}")
+    tokens = [w.token for w in words]
+    dup = sorted({t for t in tokens if tokens.count(t) > 1})
+    if dup:
+        raise ValueError(f"pseudo-word(s) listed twice: {', '.join(dup)}")
+    if not items:
+        raise ValueError("no training images")
+    for k, item in enumerate(items, 1):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise ValueError(f"training item {k} must be an (image, caption) pair")
+        image, caption = item
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"training item {k}: the image must be a PIL image, got {type(image).__name__}")
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f"training item {k}: the caption must be a non-empty string")
+    for w in words:
+        if not any(w.token in caption for _, caption in items):
+            raise ValueError(f"pseudo-word {w.token} appears in no caption, so it cannot be learned; "
+                             f"captions: {' | '.join(c for _, c in items)}")
+    if preview_prompts is not None and (not isinstance(preview_prompts, (list, tuple))
+                                        or not all(isinstance(p, str) for p in preview_prompts)):
+        raise ValueError("preview_prompts must be a list of strings")
+    if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
+        raise ValueError(f"stop_after must be a positive integer, got {stop_after!r}")
+    if cfg.mixed_precision == "fp16" and pipe.device.type != "cuda":
+        raise ValueError("mixed_precision fp16 needs a CUDA device; on the CPU use `no` or `bf16`")
+    if cfg.phase2_steps > 0:
+        fmt.check_targets(pipe.unet, cfg.unet_targets, "the UNet")
+        fmt.check_targets(pipe.text_encoder, cfg.text_targets, "the text encoder")
+
+
+def _training_resolution(pipe: Any, images: list[Image.Image]) -> int:
+    """The images' own size when they are all the same square size (a multiple of the VAE factor),
+    else the model's native size (images are then centre-cropped and resized)."""
+    sizes = {im.size for im in images}
+    if len(sizes) == 1:
+        w, h = next(iter(sizes))
+        if w == h and w % pipe.vae_scale_factor == 0 and w >= pipe.vae_scale_factor * 2:
+            return int(w)
+    return int(pipe.resolution)
+
+
+class _Trainer:
+    def __init__(self, pipe: Any, words: list[PseudoWord], items: list[tuple[Image.Image, str]], cfg: TrainConfig,
+                 out_dir: Path, checkpoint_dir: Path, preview_prompts: list[str] | None,
+                 progress: Progress | None, stop_after: int | None) -> None:
+        _check_inputs(pipe, words, items, cfg, preview_prompts, stop_after)
+        self.pipe, self.words, self.items, self.cfg = pipe, words, items, cfg
+        self.out_dir, self.checkpoint_dir = out_dir, checkpoint_dir
+        self.progress, self.stop_after = progress, stop_after
+        captions = [c for _, c in items]
+        self.preview_prompts = (list(preview_prompts) if preview_prompts is not None
+                                else list(dict.fromkeys(captions))[:DEFAULT_PREVIEWS])
+        self.adapter = fmt.adapter_name_for(out_dir.name or "asset")
+        self.device = pipe.device
+        self.total = cfg.total_steps
+        self.resolution = _training_resolution(pipe, [im for im, _ in items])
+        self.fingerprint = self._fingerprint()
+        self.hook = None
+        self.lora_on = False
+        self.log_records: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ set-up
+
+    def _fingerprint(self) -> str:
+        from ..ops.images import pixel_digest
+
+        settings = {k: v for k, v in self.cfg.to_dict().items() if k not in NON_NUMERIC_SETTINGS}
+        payload = {
+            "trainer": TRAINER_VERSION,
+            "settings": settings,
+            "words": [[w.token, w.init_word, w.role] for w in self.words],
+            "items": [[pixel_digest(im), cap] for im, cap in self.items],
+            "resolution": self.resolution,
+            "model": getattr(self.pipe, "identity", {}),
+            "device": self.device.type,
+            "dtype": str(self.pipe.dtype),
+            "torch": torch.__version__,
+        }
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def _setup_model(self) -> None:
+        pipe, cfg = self.pipe, self.cfg
+        for module in (pipe.text_encoder, pipe.unet, pipe.vae):
+            module.requires_grad_(False)
+        tok, te = pipe.tokenizer, pipe.text_encoder
+        self.tokens = [w.token for w in self.words]
+        init_ids = [fmt.first_token_id(tok, w.init_word, token=w.token) for w in self.words]
+        self.new_ids = fmt.add_new_tokens(tok, te, self.tokens)
+        emb_layer = te.get_input_embeddings()
+        weight = emb_layer.weight
+        with torch.no_grad():
+            init_rows = weight[torch.tensor(init_ids, device=weight.device)].detach().clone()
+            weight[torch.tensor(self.new_ids, device=weight.device)] = init_rows  # for anyone reading the table
+        self.new_emb = torch.nn.Parameter(init_rows.float().clone())
+        lut = torch.full((weight.shape[0],), -1, dtype=torch.long)
+        lut[torch.tensor(self.new_ids)] = torch.arange(len(self.new_ids))
+        self.lut = lut.to(weight.device)
+
+        def splice(_module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            ids = args[0]
+            sel = self.lut[ids]
+            mask = (sel >= 0).unsqueeze(-1)
+            rows = self.new_emb[sel.clamp(min=0)].to(output.dtype)
+            return torch.where(mask, rows, output)
+
+        self.hook = emb_layer.register_forward_hook(splice)
+
+        # captions -> ids, checking each pseudo-word survives tokenization (and truncation)
+        enc = tok([c for _, c in self.items], padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt")
+        self.input_ids = enc.input_ids.to(self.device)
+        self.attention_mask = (enc.attention_mask.to(self.device)
+                               if getattr(te.config, "use_attention_mask", False) else None)
+        present = set(enc.input_ids.flatten().tolist())
+        for w, i in zip(self.words, self.new_ids):
+            if i not in present:
+                raise ValueError(f"pseudo-word {w.token} is lost when the captions are tokenized "
+                                 f"(caption too long, or the token glued to other text?)")
+
+        from diffusers import DDPMScheduler
+
+        self.noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.num_train_timesteps = int(self.noise_sched.config.num_train_timesteps)
+        self.prediction_type = self.noise_sched.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r} (epsilon or v_prediction)")
+
+        self.latent_cache: dict[tuple[int, bool], torch.Tensor] = {}
+        if cfg.cache_latents:
+            for k in range(len(self.items)):
+                self._latent(k, False)
+
+        if cfg.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+            enable = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
+            enable()
+
+        use_cuda = self.device.type == "cuda"
+        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
+        needs_scaler = use_cuda and (cfg.mixed_precision == "fp16" or pipe.dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
+
+    def _latent(self, k: int, flipped: bool) -> torch.Tensor:
+        key = (k, flipped)
+        z = self.latent_cache.get(key)
+        if z is None:
+            from ..models.sampling import encode_image
+
+            image = self.items[k][0]
+            if flipped:
+                image = image.convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            z = encode_image(self.pipe, image, self.resolution).clone()  # out of inference mode
+            if self.cfg.cache_latents:
+                self.latent_cache[key] = z
+        return z
+
+    def _inject_lora(self) -> None:
+        cfg = self.cfg
+        for comp, module, targets in (("text_encoder", self.pipe.text_encoder, cfg.text_targets),
+                                      ("unet", self.pipe.unet, cfg.unet_targets)):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(cfg.seed, "lora-init", comp))
+                fmt.inject_lora(module, fmt.lora_config(cfg.lora_rank, cfg.lora_alpha, targets), self.adapter,
+                                trainable=True)
+        self.lora_on = True
+
+    def _lora_params(self, module: Any) -> list[torch.nn.Parameter]:
+        tag = f".{self.adapter}."
+        return [p for n, p in module.named_parameters() if tag in n and "lora_" in n]
+
+    def _optimizer(self, phase: int) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        groups = [{"params": [self.new_emb], "lr": cfg.lr_embeddings}]
+        if phase == 2:
+            unet_p, text_p = self._lora_params(self.pipe.unet), self._lora_params(self.pipe.text_encoder)
+            if not unet_p or not text_p:
+                raise RuntimeError("LoRA injection produced no trainable parameters")
+            for p in unet_p + text_p:
+                p.data = p.data.float()  # train adapters in fp32 whatever the base dtype
+            groups += [{"params": unet_p, "lr": cfg.lr_lora_unet}, {"params": text_p, "lr": cfg.lr_lora_text}]
+        return torch.optim.AdamW(groups, lr=cfg.lr_embeddings, weight_decay=cfg.weight_decay)
+
+    # ------------------------------------------------------------------ data
+
+    def _sample_index(self, pos: int) -> int:
+        n = len(self.items)
+        epoch, offset = divmod(pos, n)
+        perm = self._perms.get(epoch)
+        if perm is None:
+            g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "order", epoch))
+            perm = torch.randperm(n, generator=g).tolist()
+            self._perms = {epoch: perm}  # positions only move forward: keep one epoch
+        return perm[offset]
+
+    # ------------------------------------------------------------------ one step
+
+    def _step(self, s: int, opt: torch.optim.Optimizer) -> float:
+        cfg, pipe = self.cfg, self.pipe
+        bs, ga = cfg.batch_size, cfg.grad_accum
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, "step", s))
+        torch.manual_seed(derive_seed(cfg.seed, "global", s))  # anything else random (dropout, ...)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed_all(derive_seed(cfg.seed, "global", s))
+        total = 0.0
+        for a in range(ga):
+            base = (s * ga + a) * bs
+            idx = [self._sample_index(base + j) for j in range(bs)]
+            flips = (torch.rand(bs, generator=g) < 0.5).tolist() if cfg.flip else [False] * bs
+            z0 = torch.cat([self._latent(k, f) for k, f in zip(idx, flips)]).to(self.device, torch.float32)
+            noise = torch.randn(z0.shape, generator=g, dtype=torch.float32).to(self.device)
+            t = torch.randint(0, self.num_train_timesteps, (bs,), generator=g).to(self.device)
+            z_t = self.noise_sched.add_noise(z0, noise, t)
+            target = noise if self.prediction_type == "epsilon" else self.noise_sched.get_velocity(z0, noise, t)
+            ids = self.input_ids[idx]
+            mask = None if self.attention_mask is None else self.attention_mask[idx]
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                enabled=self.autocast_dtype is not None):
+                enc = pipe.text_encoder(ids, attention_mask=mask)[0].to(pipe.dtype)
+                pred = pipe.unet(z_t.to(pipe.dtype), t, encoder_hidden_states=enc, return_dict=False)[0]
+            per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            if cfg.min_snr_gamma is not None:
+                from diffusers.training_utils import compute_snr
+
+                snr = compute_snr(self.noise_sched, t)
+                clipped = torch.clamp(snr, max=cfg.min_snr_gamma)
+                weights = clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1)
+                per = per * weights
+            loss = per.mean()
+            scaled = loss / ga
+            if self.scaler is not None:
+                scaled = self.scaler.scale(scaled)
+            scaled.backward()
+            total += float(loss.detach().item())
+        if self.scaler is not None:
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        return total / ga
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.checkpoint_dir / CHECKPOINT_FILE
+
+    def _save_checkpoint(self, done: int, phase: int, opt: torch.optim.Optimizer) -> None:
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "fingerprint": self.fingerprint,
+            "step": done,
+            "phase": phase,
+            "tokens": list(self.tokens),
+            "new_embeddings": self.new_emb.detach().to("cpu").clone(),
+            "lora": ({comp: {k: v.detach().to("cpu").clone() for k, v in fmt.lora_state_dict(m, self.adapter).items()}
+                      for comp, m in (("text_encoder", self.pipe.text_encoder), ("unet", self.pipe.unet))}
+                     if self.lora_on else None),
+            "optimizer": opt.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "log": list(self.log_records),
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        fmt.atomic_write_bytes(self.ckpt_path, buf.getvalue())
+
+    def _read_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint to resume from, or None (absent, unreadable, incomplete, or from other inputs)."""
+        path = self.ckpt_path
+        if not path.is_file():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file means: start over
+            self._warn(f"ignoring the unreadable checkpoint {path} ({type(exc).__name__}); training restarts")
+            return None
+        problem = self._checkpoint_problem(state)
+        if problem:
+            self._warn(f"ignoring the checkpoint {path}: {problem}; training restarts")
+            return None
+        return state
+
+    def _checkpoint_problem(self, state: Any) -> str | None:
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            return "not a caspec training checkpoint"
+        if state.get("version") != CHECKPOINT_VERSION:
+            return f"checkpoint version {state.get('version')} (expected {CHECKPOINT_VERSION})"
+        if state.get("fingerprint") != self.fingerprint:
+            return "it was made from other inputs or settings"
+        step, phase = state.get("step"), state.get("phase")
+        if not isinstance(step, int) or not 0 < step <= self.total or phase not in (1, 2):
+            return f"bad step/phase ({step}, {phase})"
+        emb = state.get("new_embeddings")
+        if not isinstance(emb, torch.Tensor) or tuple(emb.shape) != tuple(self.new_emb.shape):
+            return "the embeddings do not fit"
+        if phase == 2 and not isinstance(state.get("lora"), dict):
+            return "phase-2 checkpoint without LoRA weights"
+        log_records = state.get("log")
+        if not isinstance(log_records, list) or len(log_records) != step:
+            return "the loss log does not match the step"
+        if not isinstance(state.get("optimizer"), dict):
+            return "no optimizer state"
+        return None
+
+    @staticmethod
+    def _warn(message: str) -> None:
+        log.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------ previews
+
+    def _previews(self, done: int) -> None:
+        from ..models.sampling import txt2img
+        from ..ops.images import save_png
+
+        if not self.preview_prompts:
+            return
+        folder = self.out_dir / fmt.PREVIEWS_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        seeds = [derive_seed(self.cfg.seed, "preview", i) for i in range(len(self.preview_prompts))]
+        was_training = self.pipe.unet.training
+        self._set_train(False)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                images = txt2img(self.pipe, self.preview_prompts, seeds, steps=PREVIEW_STEPS,
+                                 guidance_scale=PREVIEW_GUIDANCE, resolution=self.resolution)
+        finally:
+            self._set_train(was_training)
+        for i, (img, prompt, seed) in enumerate(zip(images, self.preview_prompts, seeds)):
+            path = folder / f"step-{done:06d}-{i}.png"
+            tmp = folder / f".{path.name}.tmp"
+            save_png(tmp, img, {"prompt": prompt, "seed": seed, "step": done, "steps": PREVIEW_STEPS,
+                                "guidance_scale": PREVIEW_GUIDANCE})
+            tmp.replace(path)
+
+    def _set_train(self, on: bool) -> None:
+        self.pipe.unet.train(on)
+        self.pipe.text_encoder.train(on)
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> dict[str, Any]:
+        t0 = time.monotonic()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self._perms: dict[int, list[int]] = {}
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            try:
+                self._setup_model()
+                resumed_from, steps_run = self._loop()
+            except BaseException:
+                self._teardown()
+                raise
+            self._teardown()
+            self._write_asset()
+            self._previews(self.total)
+        losses = [r["loss"] for r in self.log_records]
+        w = min(LOSS_WINDOW, len(losses))
+        return {
+            "initial_loss": sum(losses[:w]) / w if w else None,
+            "final_loss": sum(losses[-w:]) / w if w else None,
+            "loss_window": w,
+            "steps": self.total,
+            "phase1_steps": self.cfg.phase1_steps,
+            "phase2_steps": self.cfg.phase2_steps,
+            "steps_run": steps_run,
+            "resumed_from": resumed_from,
+            "seconds": round(time.monotonic() - t0, 3),
+            "tokens": list(self.tokens),
+        }
+
+    def _loop(self) -> tuple[int | None, int]:
+        cfg = self.cfg
+        p1 = cfg.phase1_steps
+        state = self._read_checkpoint()
+        start, resumed_from = 0, None
+        opt: torch.optim.Optimizer | None = None
+        opt_phase = 0
+        if state is not None:
+            start = resumed_from = int(state["step"])
+            with torch.no_grad():
+                self.new_emb.copy_(state["new_embeddings"].to(self.new_emb.device, self.new_emb.dtype))
+            self.log_records = list(state["log"])
+            if state["phase"] == 2:
+                self._inject_lora()
+                for comp, module in (("text_encoder", self.pipe.text_encoder), ("unet", self.pipe.unet)):
+                    device = next(module.parameters()).device
+                    fmt.load_lora_state(module, {k: v.to(device) for k, v in state["lora"][comp].items()}, self.adapter)
+            if start < self.total and (1 if start < p1 else 2) == state["phase"]:
+                opt = self._optimizer(state["phase"])
+                opt.load_state_dict(state["optimizer"])
+                opt_phase = state["phase"]
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+        self._set_train(True)
+        steps_run = 0
+        for s in range(start, self.total):
+            phase = 1 if s < p1 else 2
+            if phase == 2 and not self.lora_on:
+                self._inject_lora()
+            if opt is None or opt_phase != phase:
+                opt, opt_phase = self._optimizer(phase), phase
+            loss = self._step(s, opt)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the training loss became {loss} at step {s + 1}: lower the learning rates "
+                                         "or use mixed_precision `no`")
+            done = s + 1
+            record: dict[str, Any] = {"step": done, "phase": phase, "loss": loss, "lr": cfg.lr_embeddings}
+            if phase == 2:
+                record.update(lr_lora_unet=cfg.lr_lora_unet, lr_lora_text=cfg.lr_lora_text)
+            self.log_records.append(record)
+            steps_run += 1
+            if self.progress is not None:
+                self.progress(done, self.total, {"loss": loss, "phase": phase, "lr": cfg.lr_embeddings})
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                self._save_checkpoint(done, phase, opt)
+                fmt.write_loss_log(self.out_dir, self.log_records)
+            if cfg.preview_every and done % cfg.preview_every == 0 and done < self.total:
+                self._previews(done)
+            if self.stop_after is not None and steps_run >= self.stop_after and done < self.total:
+                raise KeyboardInterrupt(f"stop_after={self.stop_after} (test hook)")
+        return resumed_from, steps_run
+
+    def _teardown(self) -> None:
+        """Leave the pipe usable on its own: learned rows in the table, no hook, eval mode, no grads."""
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+            weight = self.pipe.text_encoder.get_input_embeddings().weight
+            with torch.no_grad():
+                for j, i in enumerate(self.new_ids):
+                    weight[i] = self.new_emb[j].detach().to(weight.dtype)
+        if self.cfg.gradient_checkpointing:
+            self.pipe.unet.disable_gradient_checkpointing()
+            disable = (getattr(self.pipe.text_encoder, "activation_checkpointing_disable", None)
+                       or self.pipe.text_encoder.gradient_checkpointing_disable)
+            disable()
+        self._set_train(False)
+        for module in (self.pipe.text_encoder, self.pipe.unet):
+            for p in module.parameters():
+                p.requires_grad_(False)
+                p.grad = None
+
+    def _write_asset(self) -> None:
+        lora: dict[str, dict[str, torch.Tensor]] = {}
+        if self.lora_on:
+            lora = {"text_encoder": fmt.lora_state_dict(self.pipe.text_encoder, self.adapter),
+                    "unet": fmt.lora_state_dict(self.pipe.unet, self.adapter)}
+        fmt.save_asset(
+            self.out_dir,
+            tokens=self.tokens,
+            roles={w.token: w.role for w in self.words},
+            init_words={w.token: w.init_word for w in self.words},
+            embeddings={t: self.new_emb[j].detach() for j, t in enumerate(self.tokens)},
+            lora=lora,
+            lora_rank=self.cfg.lora_rank,
+            lora_alpha=self.cfg.lora_alpha,
+            targets={"unet": self.cfg.unet_targets, "text_encoder": self.cfg.text_targets},
+        )
+        fmt.write_loss_log(self.out_dir, self.log_records)
+
+
+__all__ = ["train_concept", "CHECKPOINT_FILE", "PREVIEW_STEPS"]
