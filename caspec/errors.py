@@ -101,8 +101,11 @@ class StepFailed(CaspecError):
     exit_code = EXIT_STEP_FAILED
 
     def __init__(self, step_id: str, message: str, hint: str | None = None):
-        super().__init__(f"step `{step_id}` failed: {message}", hint)
+        super().__init__(message, hint)
         self.step_id = step_id
+
+    def render(self) -> str:
+        return CaspecError(f"step `{self.step_id}` failed: {self.message}", self.hint).render()
 
 
 class ReviewPending(CaspecError):

@@ -153,7 +153,6 @@ def save_asset(
     (keys as ``get_peft_model_state_dict`` gives them). Tensors are saved float32, contiguous, CPU.
     """
     import torch
-    from safetensors.torch import save
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,7 +167,7 @@ def save_asset(
         "roles": json.dumps({t: roles[t] for t in tokens}, sort_keys=True),
         "init_words": json.dumps({t: init_words[t] for t in tokens}, sort_keys=True),
     }
-    atomic_write_bytes(out / EMBEDDINGS_FILE, save(emb, metadata=emb_meta))
+    atomic_write_bytes(out / EMBEDDINGS_FILE, safetensors_bytes(emb, emb_meta))
 
     flat: dict[str, torch.Tensor] = {}
     for comp in COMPONENTS:
@@ -182,7 +181,38 @@ def save_asset(
         "unet_targets": json.dumps(list(targets.get("unet", []))),
         "text_targets": json.dumps(list(targets.get("text_encoder", []))),
     }
-    atomic_write_bytes(out / LORA_FILE, save(flat, metadata=lora_meta))
+    atomic_write_bytes(out / LORA_FILE, safetensors_bytes(flat, lora_meta))
+
+
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64",
+              "int32": "I32", "uint8": "U8", "bool": "BOOL"}
+
+
+def safetensors_bytes(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> bytes:
+    """A safetensors file with a canonical layout: header keys sorted, tensors stored in key order.
+
+    ``safetensors.torch.save`` orders the header's metadata by a hash map, so equal inputs can give
+    different bytes; this writer gives the same bytes for the same tensors and metadata (and any
+    safetensors reader loads it).
+    """
+    import torch
+
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        dtype = _ST_DTYPES.get(str(t.dtype).removeprefix("torch."))
+        if dtype is None:
+            raise ValueError(f"cannot store tensor {name!r} of dtype {t.dtype} in safetensors")
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + b"".join(chunks)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -347,7 +377,12 @@ def inject_lora(module: Any, config: Any, adapter_name: str, *, trainable: bool)
         raise ValueError(f"{type(module).__name__} already has a LoRA adapter named {adapter_name!r}")
     before_active = {n: list(m.active_adapters) for n, m in tuner_layers(module)}
     base_grad = {n: p.requires_grad for n, p in module.named_parameters()}
-    inject_adapter_in_model(config, module, adapter_name=adapter_name)
+    import warnings
+
+    with warnings.catch_warnings():
+        # peft warns when a model already holds adapters: composing several is what we want here
+        warnings.filterwarnings("ignore", message=".*[Aa]lready found a `peft_config`.*")
+        inject_adapter_in_model(config, module, adapter_name=adapter_name)
     module.peft_config = {**existing, adapter_name: config}
     # the flags diffusers' / transformers' adapter helpers look for (set_adapters, disable_adapters...)
     module._hf_peft_config_loaded = True
@@ -443,5 +478,5 @@ def _targets_from_keys(state: Mapping[str, Any]) -> list[str]:
 
 __all__ = ["Asset", "EMBEDDINGS_FILE", "LORA_FILE", "CARD_FILE", "LOSS_FILE", "PREVIEWS_DIR", "COMPONENTS",
            "save_asset", "load_asset", "apply_asset", "write_card", "write_loss_log", "read_loss_log",
-           "adapter_name_for", "add_new_tokens", "first_token_id", "lora_config", "check_targets", "inject_lora",
+           "adapter_name_for", "safetensors_bytes", "add_new_tokens", "first_token_id", "lora_config", "check_targets", "inject_lora",
            "set_lora_scale", "lora_state_dict", "load_lora_state", "atomic_write_bytes", "atomic_write_text"]

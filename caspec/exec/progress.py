@@ -47,7 +47,8 @@ class RichReporter(NullReporter):
 
     def progress(self, done: int, total: int, desc: str = "") -> None:
         if self._images is not None:
-            self.progress_bar.update(self._images, completed=done, total=total)
+            extra = {"description": f"  {desc}"} if desc else {}
+            self.progress_bar.update(self._images, completed=done, total=total, **extra)
 
     def step_finished(self, node: Any, outcome: str, detail: str = "") -> None:
         if self._steps is not None:

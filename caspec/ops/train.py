@@ -53,6 +53,7 @@ class TrainOp(Op):
             raise StepFailed(ctx.step_id, "the upstream step kept no images to learn from",
                              hint="keep at least one candidate in the review (the paper keeps 5-8)")
         pipe = load_pipeline(ctx.model, ctx.spec_dir, fresh=True)
+        _check_targets(ctx, pipe, p["train"])
         res = p["resolution"] or pipe.resolution
         n = len(images)
         words = _expand_words(p["words"], n)
@@ -75,6 +76,21 @@ class TrainOp(Op):
         write_card(ctx.out_dir, card)
         return {"asset": {"tokens": [w.token for w in words], "final_loss": summary.get("final_loss"),
                           "images": n}}
+
+
+def _check_targets(ctx: RunContext, pipe: Any, train: dict[str, Any]) -> None:
+    """Unknown LoRA target modules fail before any work, naming the spec field and its position."""
+    from ..assets.format import check_targets
+
+    where = ctx.extra.get("where", lambda *path: "")
+    for field, module, what in (("unet_targets", pipe.unet, "the UNet"),
+                                ("text_targets", pipe.text_encoder, "the text encoder")):
+        for i, target in enumerate(train[field]):
+            try:
+                check_targets(module, [target], what)
+            except ValueError as exc:
+                raise StepFailed(ctx.step_id, f"{where('train', field, i)}: concepts.{ctx.step_id}.train.{field}[{i}]: "
+                                 f"{exc}", hint=f"LoRA targets are module names of {what} (suffix match)") from None
 
 
 def _expand_words(words: list[dict[str, str]], n: int) -> list[Any]:
