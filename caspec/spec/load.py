@@ -858,6 +858,10 @@ class _ErrorMapper:
         if kind == "string_pattern_mismatch":
             if err["loc"][:1] == ("name",):
                 return f"{_show(value)} is not a valid name", _NAME_HINT
+            if err["loc"][-1:] == ("token",):
+                return (f"{_show(value)} is not a valid pseudo-word",
+                        "write pseudo-words in angle brackets, letters and digits only, e.g. `<dance1>`; "
+                        "`{k}` inside (`<robot{k}>`) makes one word per image")
             return f"{_show(value)} is not a valid step id", _STEP_ID_HINT
         if kind == "value_error":
             return msg.removeprefix("Value error, "), None
@@ -966,7 +970,7 @@ def _check_pseudo_words(spec: Spec, src: _Source) -> list[Problem]:
             elif clash is not None:
                 where = "this concept" if clash[1] == cid else f"concept `{clash[1]}`"
                 problems.append(src.problem(path, f"pseudo-word `{word.token}` collides with `{clash[0]}` of {where}",
-                                            "every pseudo-word must be unique in the spec; rename one (e.g. `<dance2>`)"))
+                                            "every pseudo-word must be unique in the spec; rename one of them"))
             seen.append((word.token, cid, i))
         regexes = [_word_regex(w.token) for w in concept.words]
         texts = [(("caption",), concept.caption)] if concept.caption is not None else []
