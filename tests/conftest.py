@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -10,10 +11,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _caspec_cache(tmp_path_factory):
-    if "CASPEC_TEST_CACHE" in os.environ:  # reuse a cache across sessions when asked (local speed-up)
-        os.environ["CASPEC_CACHE"] = os.environ["CASPEC_TEST_CACHE"]
-    else:
-        os.environ["CASPEC_CACHE"] = str(tmp_path_factory.mktemp("caspec-cache"))
-    os.environ.pop("CASPEC_STORE", None)
-    yield
+def caspec_cache(tmp_path_factory):
+    """The user cache for the whole session (``CASPEC_TEST_CACHE`` reuses one across sessions)."""
+    mp = pytest.MonkeyPatch()
+    root = os.environ.get("CASPEC_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "caspec-cache")
+    os.makedirs(root, exist_ok=True)
+    mp.setenv("CASPEC_CACHE", root)
+    mp.delenv("CASPEC_STORE", raising=False)
+    yield Path(root)
+    mp.undo()

@@ -3,7 +3,6 @@ fully cached re-run, and a one-prompt change that re-runs only its branch."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

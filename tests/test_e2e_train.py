@@ -28,7 +28,7 @@ def cli(*args: str):
 
 def copy_demo(folder: Path, **train: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ROOT / "specs" / "train-demo.review.yaml", folder)
+    shutil.copytree(ROOT / "specs" / "train-demo", folder / "train-demo")
     text = (ROOT / "specs" / "train-demo.yaml").read_text()
     for name, value in train.items():
         text = text.replace(f"      {name}: ", f"      {name}: {value}  # was ")
@@ -60,7 +60,7 @@ def test_train_demo_end_to_end(tmp_path):
     assert len(losses) == 80 and {r["phase"] for r in losses} == {1, 2}
     assert list((asset / "previews").glob("*.png"))
     # the pre-filled manifest now carries digests and the keys have settled: a re-run is fully cached
-    review = yaml.safe_load((tmp_path / "train-demo.review.yaml").read_text())
+    review = yaml.safe_load((tmp_path / "train-demo" / "picks.yaml").read_text())
     assert all(len(c["digest"]) == 64 for c in review["candidates"])
     code, out, _ = cli("plan", str(spec), "--json")
     assert {s["status"] for s in json.loads(out)} == {"cached"}

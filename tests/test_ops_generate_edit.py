@@ -22,15 +22,6 @@ from caspec.spec.models import ModelSpec, Spec  # noqa: E402
 STEPS = 4
 
 
-@pytest.fixture(scope="session", autouse=True)
-def caspec_cache(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "caspec-cache"
-    root.mkdir(exist_ok=True)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CASPEC_CACHE", str(root))
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    yield root
-    mp.undo()
 
 
 MODEL = ModelSpec(base="tiny", device="cpu")

@@ -18,15 +18,6 @@ from caspec.spec.models import ModelSpec  # noqa: E402
 STEPS = 10
 
 
-@pytest.fixture(scope="session", autouse=True)
-def caspec_cache(tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "caspec-cache"
-    root.mkdir(exist_ok=True)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CASPEC_CACHE", str(root))
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    yield root
-    mp.undo()
 
 
 @pytest.fixture(scope="module")

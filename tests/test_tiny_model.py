@@ -16,16 +16,6 @@ from caspec.models import tiny as T  # noqa: E402
 from caspec.spec.models import ModelSpec  # noqa: E402
 
 
-@pytest.fixture(scope="session", autouse=True)
-def caspec_cache(tmp_path_factory):
-    """One user cache for the whole test session (shared by the model test files), so tiny is built once."""
-    root = tmp_path_factory.getbasetemp() / "caspec-cache"
-    root.mkdir(exist_ok=True)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CASPEC_CACHE", str(root))
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    yield root
-    mp.undo()
 
 
 @pytest.fixture(scope="session")

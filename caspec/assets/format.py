@@ -24,12 +24,12 @@ Every file is written atomically (temporary file in the same folder, then ``os.r
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+from ..fsutil import atomic_write_bytes, atomic_write_text
 
 EMBEDDINGS_FILE = "embeddings.safetensors"
 LORA_FILE = "lora.safetensors"
@@ -42,28 +42,7 @@ COMPONENTS = ("text_encoder", "unet")  # LoRA key prefixes, in file order
 
 
 # ---------------------------------------------------------------------------------------------
-# atomic writes
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+# card and loss log
 
 
 def write_card(out_dir: str | Path, card: Mapping[str, Any]) -> Path:

@@ -43,7 +43,7 @@ class TrainOp(Op):
 
         from ..assets.format import write_card
         from ..models.load import load_pipeline
-        from ..train import PseudoWord, TrainConfig, train_concept
+        from ..train import TrainConfig, train_concept
         from .images import fit_square
 
         p = ctx.params

@@ -9,8 +9,6 @@ with a recipe: entries with an ``id`` and ``keep`` but no ``digest`` are resolve
 from __future__ import annotations
 
 import html
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import yaml
 
 from ..errors import ReviewError
+from ..fsutil import atomic_write_text
 
 MANIFEST_VERSION = 1
 
@@ -122,20 +121,7 @@ def write_manifest(m: Manifest) -> None:
             "source_key": m.source_key, "count": m.count,
             "candidates": [c.to_yaml() for c in m.candidates]}
     text = head + yaml.safe_dump(body, sort_keys=False, allow_unicode=True, width=120)
-    _atomic_write(m.path, text)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(m.path, text)
 
 
 def write_contact_sheet(m: Manifest) -> Path:
@@ -154,7 +140,7 @@ def write_contact_sheet(m: Manifest) -> Path:
             f"{' for exactly ' + str(m.count) if m.count else ''}, then re-run <code>caspec run</code>.</p>"
             f"<div style='display:flex;flex-wrap:wrap'>{''.join(cells)}</div></body>")
     out = sheet_path(m.path)
-    _atomic_write(out, page)
+    atomic_write_text(out, page)
     return out
 
 
