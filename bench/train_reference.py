@@ -22,8 +22,15 @@ left out, and so is step 1 (optimizer state allocation). Each run gets a freshly
 ``--repeats`` repeats and the medians are reported. Phase 2 (embeddings + LoRA) is timed for caspec
 alone, for information.
 
+The reference's step is also timed in parts (data, VAE encode, text encoder + UNet forward and
+backward, AdamW, restoring the rows) to show where the difference comes from.
+
+CPU threads: with torch's default of one OpenMP thread per core, any other busy process on the
+machine makes every parallel region wait for a descheduled thread (on the 2-core machine a tiny op
+can go from microseconds to milliseconds): measure on an idle machine, or pass ``--threads 1``.
+
 Usage: python bench/train_reference.py [--steps N] [--batch B ...] [--repeats R] [--warmup W]
-                                       [--no-phase2] [--json PATH]
+                                       [--threads T] [--no-phase2] [--json PATH]
 """
 from __future__ import annotations
 
@@ -56,6 +63,8 @@ from caspec.train import PseudoWord, TrainConfig  # noqa: E402
 RESOLUTION = 64
 REF_LR = 5e-3
 REF_WEIGHT_DECAY = 1e-2
+# the parts of a reference step, timed separately (for the breakdown)
+PHASES = ("data", "vae_encode", "forward_backward", "optimizer", "restore_rows")
 COLOURS = [(220, 40, 40), (40, 180, 60), (40, 70, 220), (230, 200, 30)]
 
 
@@ -136,6 +145,7 @@ class ReferenceTI:
         self.generator = torch.Generator().manual_seed(seed)
         self._order: list[int] = []
         self.losses: list[float] = []
+        self.phase_s: dict[str, list[float]] = {name: [] for name in PHASES}  # seconds per step, by part
 
     # the example's TextualInversionDataset.__getitem__ (no flips, like caspec's default)
     def _example(self, k: int) -> dict[str, torch.Tensor]:
@@ -159,10 +169,14 @@ class ReferenceTI:
                 "pixel_values": torch.stack([e["pixel_values"] for e in examples]).to(self.device)}
 
     def step(self) -> float:
+        clock = time.perf_counter
+        t0 = clock()
         batch = self._batch()
         g = self.generator
+        t1 = clock()
         latents = self.vae.encode(batch["pixel_values"].to(dtype=self.weight_dtype)).latent_dist.sample(generator=g)
         latents = latents.detach() * self.vae.config.scaling_factor
+        t2 = clock()
         noise = torch.randn(latents.shape, generator=g, dtype=latents.dtype).to(self.device)
         bsz = latents.shape[0]
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (bsz,), generator=g)
@@ -178,14 +192,19 @@ class ReferenceTI:
             raise ValueError(f"unknown prediction type {self.noise_scheduler.config.prediction_type}")
         loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
         loss.backward()
+        t3 = clock()
         self.optimizer.step()
         self.optimizer.zero_grad()
+        t4 = clock()
         # make sure only the new embeddings are updated
         with torch.no_grad():
             weight = self.text_encoder.get_input_embeddings().weight
             weight[self.index_no_updates] = self.orig_embeds_params[self.index_no_updates]
         value = float(loss.detach().item())
+        t5 = clock()
         self.losses.append(value)
+        for name, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            self.phase_s[name].append(dt)
         return value
 
     def train(self, steps: int, progress: Callable[[int], None] | None = None) -> list[float]:
@@ -211,7 +230,8 @@ def time_reference(steps: int, batch: int, *, seed: int = 0) -> dict[str, Any]:
     ref = ReferenceTI(pipe, make_words(), make_items(), batch_size=batch, seed=seed)
     stamps: list[float] = []
     ref.train(steps, progress=lambda _s: stamps.append(time.perf_counter()))
-    return {"steps_per_s": _rate(stamps), "final_loss": ref.losses[-1]}
+    parts_ms = {name: 1000 * statistics.fmean(xs[1:]) for name, xs in ref.phase_s.items()}  # steps 2..N
+    return {"steps_per_s": _rate(stamps), "final_loss": ref.losses[-1], "parts_ms": parts_ms}
 
 
 def time_caspec(steps: int, batch: int, work: Path, *, phase: int = 1, seed: int = 0) -> dict[str, Any]:
@@ -231,10 +251,26 @@ def time_caspec(steps: int, batch: int, work: Path, *, phase: int = 1, seed: int
 
 
 def run_benchmark(steps: int = 100, batches: tuple[int, ...] = (1, 4), repeats: int = 3, warmup: int = 5,
-                  phase2: bool = True, log: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
-    """Time both sides at each batch size; returns the machine, the settings and the results."""
+                  phase2: bool = True, log: Callable[[str], None] = lambda _m: None,
+                  threads: int | None = None) -> dict[str, Any]:
+    """Time both sides at each batch size; returns the machine, the settings and the results.
+
+    ``threads``: ``torch.set_num_threads`` for the run (restored afterwards); None keeps torch's default.
+    """
     if steps < 2:
         raise ValueError("steps must be >= 2 (the first step is not timed)")
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(steps, batches, repeats, warmup, phase2, log)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run(steps: int, batches: tuple[int, ...], repeats: int, warmup: int, phase2: bool,
+         log: Callable[[str], None]) -> dict[str, Any]:
+    load_start = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="caspec-bench-train-"))
     med = statistics.median
     results = []
@@ -258,6 +294,7 @@ def run_benchmark(steps: int = 100, batches: tuple[int, ...] = (1, 4), repeats: 
                 "caspec_phase1": [x["steps_per_s"] for x in cas],
                 "reference": [x["steps_per_s"] for x in ref],
                 "caspec_outside_loop_s": [x["outside_loop_s"] for x in cas],
+                "reference_parts_ms": {name: med([x["parts_ms"][name] for x in ref]) for name in PHASES},
                 "final_loss": {"caspec": [x["final_loss"] for x in cas], "reference": [x["final_loss"] for x in ref]},
             }
             row["caspec_phase1_median"] = med(row["caspec_phase1"])
@@ -279,7 +316,9 @@ def run_benchmark(steps: int = 100, batches: tuple[int, ...] = (1, 4), repeats: 
     return {
         "machine": {"machine": platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "diffusers": diffusers.__version__,
-                    "torch_threads": torch.get_num_threads()},
+                    "torch_threads": torch.get_num_threads(),
+                    "loadavg_1_5_15_start": [round(x, 2) for x in load_start],
+                    "loadavg_1_5_15_end": [round(x, 2) for x in os.getloadavg()]},
         "settings": {"steps": steps, "batches": list(batches), "repeats": repeats, "warmup": warmup,
                      "images": len(make_items()), "resolution": RESOLUTION,
                      "timing": "steps 2..N of each run (per-step timestamps), median over repeats"},
@@ -291,7 +330,8 @@ def markdown(report: dict[str, Any]) -> str:
     m, s = report["machine"], report["settings"]
     lines = [f"machine: {m['machine']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
              f"diffusers {m['diffusers']}, Python {m['python']}; {s['steps']} steps per run, "
-             f"median of {s['repeats']}", "",
+             f"median of {s['repeats']}; load average at start/end {m['loadavg_1_5_15_start'][0]:.2f}/"
+             f"{m['loadavg_1_5_15_end'][0]:.2f}", "",
              "| batch | caspec phase 1 steps/s | reference steps/s | caspec / reference | caspec phase 2 steps/s |",
              "|---|---|---|---|---|"]
     for r in report["results"]:
@@ -301,8 +341,15 @@ def markdown(report: dict[str, Any]) -> str:
         p2 = cell(r["caspec_phase2"]) if "caspec_phase2" in r else "—"
         lines.append(f"| {r['batch']} | {cell(r['caspec_phase1'])} | {cell(r['reference'])} | "
                      f"**{r['ratio']:.2f}×** | {p2} |")
-    lines.append("")
-    lines.append("cells: median (min–max) steps/s over the repeats; ratio = ratio of the medians")
+    lines += ["", "cells: median (min–max) steps/s over the repeats; ratio = ratio of the medians", "",
+              "Where a step's time goes (ms per step, medians):", "",
+              "| batch | caspec phase 1 step | reference step | ref: data | ref: VAE encode | "
+              "ref: text enc + UNet fwd/bwd | ref: AdamW over table | ref: restore rows |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        p = r["reference_parts_ms"]
+        lines.append(f"| {r['batch']} | {1000 / r['caspec_phase1_median']:.1f} | {1000 / r['reference_median']:.1f} | "
+                     + " | ".join(f"{p[name]:.1f}" for name in PHASES) + " |")
     return "\n".join(lines)
 
 
@@ -313,10 +360,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=5, help="steps of the untimed warm-up run of each side")
     ap.add_argument("--no-phase2", action="store_true", help="skip timing caspec's phase 2")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = ap.parse_args()
     report = run_benchmark(args.steps, tuple(args.batch), args.repeats, args.warmup, not args.no_phase2,
-                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                           log=lambda msg: print(msg, file=sys.stderr, flush=True), threads=args.threads)
     print(markdown(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
