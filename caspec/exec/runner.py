@@ -203,7 +203,8 @@ class _Runner:
         upstream = {role: UpstreamView(self.records[sid]) for role, sid in node.upstream.items()}
         extra: dict[str, Any] = {"spec_path": _rel(self.loaded.path), "model_identity": self.plan.model_identity,
                                  "checkpoint_dir": checkpoint_dir(self.store, node.key),
-                                 "where": lambda *path: self.loaded.where((node.section, node.id, *path))}
+                                 "where": lambda *path: self.loaded.where((node.section, node.id, *path)),
+                                 "step": node.step}
         if node.gate is not None:
             source_id = node.upstream.get("source", "")
             extra.update(manifest=node.gate.manifest, decision=node.gate.material, source_id=source_id,

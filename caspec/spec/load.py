@@ -153,6 +153,7 @@ def _load(text: str, path: str | Path, shown: str) -> LoadedSpec:
     abspath = Path(path).absolute()
     name = spec.name or abspath.stem
     _fail_if(_check_steps(spec, src) + _check_name(spec, name, src))
+    _fail_if(_check_compose(spec, src, abspath.parent))
     return LoadedSpec(spec=spec, path=abspath, name=name, dir=abspath.parent, text=text,
                       positions=dict(src.positions), file=shown)
 
@@ -1000,6 +1001,64 @@ def _check_ref(section: str, step_id: str, ref: str, owners: dict[str, str], src
         return src.problem(path, f"`{ref}` is {_a(SECTIONS[owners[ref]])} step; {_a(SECTIONS[section])} step reads "
                                  f"from a step in {where}", hint)
     return None
+
+
+def is_asset_path(asset: str) -> bool:
+    """A compose asset is a folder path when it contains `/` (`./robot`, `library/robot`), else a step id."""
+    return "/" in asset
+
+
+def asset_words(spec: Spec, asset: str, spec_dir: Path) -> list[str] | None:
+    """Pseudo-words (templates with `{k}` allowed) an asset of a compose step defines: a `concepts` step's
+    words, or the tokens on an asset folder's card (a path: it contains `/`). None when it names neither."""
+    if not is_asset_path(asset):
+        return [w.token for w in spec.concepts[asset].words] if asset in spec.concepts else None
+    card = spec_dir / asset / "card.yaml"
+    if not card.is_file():
+        return None
+    try:
+        data = yaml.safe_load(card.read_text(encoding="utf-8")) or {}
+        return [str(w["token"]) for w in data.get("pseudo_words", [])]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+
+
+def _check_compose(spec: Spec, src: _Source, spec_dir: Path) -> list[Problem]:
+    """Compose assets exist, define disjoint pseudo-words, and cover every pseudo-word in the prompts."""
+    problems: list[Problem] = []
+    for cid, step in spec.compose.items():
+        words: list[tuple[str, str]] = []  # (word template, asset)
+        for i, asset in enumerate(step.assets):
+            found = asset_words(spec, asset, spec_dir)
+            if found is None:
+                if is_asset_path(asset):
+                    message = f"no concept asset folder (with card.yaml) at `{asset}`"
+                    hint = "asset folder paths are relative to the spec file"
+                else:
+                    message = f"`{asset}` is not a `concepts` step"
+                    hint = _did_you_mean(asset, list(spec.concepts)) or (
+                        "name a `concepts` step, or an asset folder as a path (`./name` or `library/name`)")
+                problems.append(src.problem(("compose", cid, "assets", i), message, hint))
+                continue
+            for word in found:
+                clash = next((a for w, a in words if _tokens_overlap(w, word)), None)
+                if clash is not None:
+                    problems.append(src.problem(("compose", cid, "assets", i), f"assets `{clash}` and `{asset}` both "
+                                                f"define the pseudo-word `{word}`",
+                                                "a prompt could not tell them apart; compose them in separate steps"))
+                words.append((word, asset))
+        for name in step.asset_scales:
+            if name not in step.assets:
+                problems.append(src.problem(("compose", cid, "asset_scales", name), f"`{name}` is not one of this "
+                                            "step's assets", _did_you_mean(name, step.assets)))
+        regexes = [_word_regex(w) for w, _ in words]
+        for j, prompt in enumerate(step.prompts):
+            for used in _WORD_IN_TEXT.findall(prompt):
+                if words and not any(r.match(used) for r in regexes):
+                    defined = ", ".join(f"`{w}`" for w, _ in words)
+                    problems.append(src.problem(("compose", cid, "prompts", j), f"no asset of this step defines "
+                                                f"the pseudo-word `{used}`", f"defined: {defined}"))
+    return problems
 
 
 def _a(word: str) -> str:

@@ -169,7 +169,26 @@ class ConceptStep(_Model):
         return template.replace("{k}", str(k))
 
 
-SECTIONS: dict[str, str] = {"roots": "root", "edits": "edit", "select": "select", "concepts": "train"}
+class ComposeStep(Sampling):
+    """Generate from prompts that mix pseudo-words of several concept assets (paper, section 3.4):
+    the asset whose pseudo-word comes first in a prompt gets its LoRA at `first_scale`, each later one
+    at `later_scale`; assets a prompt does not use contribute nothing to it."""
+
+    assets: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, description="Concept assets: ids of `concepts` steps, or paths (relative to the spec) of asset folders.")
+    prompts: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1, description="Prompts using the assets' pseudo-words; a template over a list var expands into one prompt per value.")
+    images: int = Field(1, ge=1, le=1024, description="Images per prompt.")
+    first_scale: float = Field(0.8, ge=0, le=4, description="LoRA scale of the asset named first in a prompt (paper: 0.8).")
+    later_scale: float = Field(0.5, ge=0, le=4, description="LoRA scale of each later asset in a prompt (paper: 0.5).")
+    asset_scales: dict[str, Annotated[float, Field(ge=0, le=4)]] = Field(default_factory=dict, description="Fixed LoRA scale per asset (by the name used in `assets`), overriding the first/later rule.")
+
+    @field_validator("prompts", "assets", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _as_list(value)
+
+
+SECTIONS: dict[str, str] = {"roots": "root", "edits": "edit", "select": "select", "concepts": "train",
+                            "compose": "compose"}
 """Spec section name -> step kind."""
 
 
@@ -188,6 +207,7 @@ class Spec(_Model):
     edits: dict[StepId, EditStep] = Field(default_factory=dict)
     select: dict[StepId, SelectStep] = Field(default_factory=dict)
     concepts: dict[StepId, ConceptStep] = Field(default_factory=dict, description="Concept assets to train (step kind `train`).")
+    compose: dict[StepId, ComposeStep] = Field(default_factory=dict, description="Images from prompts mixing concept assets.")
 
     def steps(self) -> Iterator[tuple[str, str, _Model]]:
         """Yield ``(section, step_id, step)`` for every step, in file order within each section."""

@@ -1,0 +1,148 @@
+"""Step kind `compose`: images from prompts that mix the pseudo-words of several concept assets.
+
+One pipeline is loaded once with every asset's embeddings and LoRA adapters (one adapter per asset);
+per prompt, the adapters' scales follow the paper (section 3.4): the asset whose pseudo-word comes first
+in the prompt at `first_scale` (0.8), each later one at `later_scale` (0.5), unused ones at 0 — so an
+asset a prompt does not use contributes nothing to it. `asset_scales` fixes an asset's scale instead.
+Assets come from `concepts` steps (upstream) or asset folders (paths, hashed into the key).
+"""
+from __future__ import annotations
+
+import html
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import StepFailed
+from ..spec.models import sampling_for
+from .base import Op, RunContext, image_entry
+from .images import pixel_digest, save_png
+from .seeds import derive_seed
+
+ASSET_FILES = ("card.yaml", "embeddings.safetensors", "lora.safetensors")
+_WORD = re.compile(r"<[^<>\s]+>")
+
+
+def _is_path(asset: str) -> bool:
+    from ..spec.load import is_asset_path
+
+    return is_asset_path(asset)
+
+
+class ComposeOp(Op):
+    KIND = "compose"
+    VERSION = 1
+
+    def params(self, step: Any, spec: Any) -> dict[str, Any]:
+        return {**sampling_for(spec, step), "prompts": list(step.prompts), "images": step.images,
+                "first_scale": step.first_scale, "later_scale": step.later_scale,
+                "asset_scales": [step.asset_scales.get(a) for a in step.assets],
+                "assets": [{"source": "path" if _is_path(a) else "step"} for a in step.assets]}
+
+    def inputs(self, step: Any, spec_dir: Path) -> dict[str, Path]:
+        return {f"asset{i}/{name}": (spec_dir / a / name).resolve()
+                for i, a in enumerate(step.assets) if _is_path(a) for name in ASSET_FILES}
+
+    def upstream(self, step: Any) -> dict[str, str]:
+        return {f"asset{i}": a for i, a in enumerate(step.assets) if not _is_path(a)}
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        from ..assets.format import apply_asset, load_asset
+        from ..models.load import load_pipeline
+
+        p = ctx.params
+        pipe = load_pipeline(ctx.model, ctx.spec_dir, fresh=True)
+        with tempfile.TemporaryDirectory(prefix="caspec-compose-") as tmp:
+            assets = [load_asset(folder, name=f"asset{i}") for i, folder in enumerate(self._folders(ctx, Path(tmp)))]
+        for i, asset in enumerate(assets):
+            _check_base(ctx, i, asset)
+            apply_asset(pipe, asset, lora_scale=0.0, adapter_name=f"asset{i}")
+        entries = []
+        for j, prompt in enumerate(p["prompts"]):
+            scales = prompt_scales(prompt, [a.tokens for a in assets], p["first_scale"], p["later_scale"],
+                                   p["asset_scales"])
+            set_scales(pipe, scales)
+            entries += self._render(ctx, pipe, j, prompt, scales, assets)
+            ctx.progress(len(entries), len(p["prompts"]) * p["images"], f"{ctx.step_id}: {prompt[:40]}")
+        _contact_sheet(ctx.out_dir, entries)
+        return {"images": entries}
+
+    def _folders(self, ctx: RunContext, tmp: Path) -> list[Path]:
+        """Each asset as a folder: a path input as is, a `concepts` step's record copied out of the store."""
+        folders = []
+        for i in range(len(ctx.params["assets"])):
+            role = f"asset{i}"
+            if role in ctx.upstream:
+                folder = tmp / role
+                folder.mkdir()
+                for name in ASSET_FILES:
+                    shutil.copyfile(ctx.upstream[role].file(name), folder / name)
+                folders.append(folder)
+            else:
+                folders.append(ctx.inputs[f"{role}/card.yaml"].parent)
+        return folders
+
+    def _render(self, ctx: RunContext, pipe: Any, j: int, prompt: str, scales: list[float],
+                assets: list[Any]) -> list[dict[str, Any]]:
+        from ..models.sampling import txt2img
+
+        p = ctx.params
+        seeds = [derive_seed(p["seed"], "compose", prompt, k) for k in range(p["images"])]
+        images = txt2img(pipe, [prompt] * len(seeds), seeds, steps=p["steps"], guidance_scale=p["guidance_scale"],
+                         negative_prompt=p["negative_prompt"], resolution=p["resolution"])
+        names = list(getattr(ctx.extra.get("step"), "assets", [])) or [f"asset{i}" for i in range(len(scales))]
+        used = [{"asset": names[i], "scale": s} for i, s in enumerate(scales) if s > 0]
+        out = []
+        for k, (img, seed) in enumerate(zip(images, seeds)):
+            iid = f"p{j}-c{k}"
+            save_png(ctx.out_dir / f"{iid}.png", img, {
+                "prompt": prompt, "negative_prompt": p["negative_prompt"], "seed": seed, "steps": p["steps"],
+                "guidance_scale": p["guidance_scale"], "assets": used, "step": ctx.step_id, "key": ctx.key,
+                "id": iid, "model": ctx.model.base})
+            out.append(image_entry(iid, f"{iid}.png", prompt=prompt, seed=seed, prompt_index=j, candidate=k,
+                                   assets=used, digest=pixel_digest(img)))
+        return out
+
+
+def prompt_scales(prompt: str, tokens: list[list[str]], first: float, later: float,
+                  fixed: list[float | None]) -> list[float]:
+    """LoRA scale per asset for one prompt: by order of first occurrence of the asset's pseudo-words
+    (first asset `first`, later ones `later`), a fixed scale where given, 0 for assets the prompt does not use."""
+    owner = {tok: i for i, toks in enumerate(tokens) for tok in toks}
+    order: list[int] = []
+    for word in _WORD.findall(prompt):
+        i = owner.get(word)
+        if i is not None and i not in order:
+            order.append(i)
+    scales = [0.0] * len(tokens)
+    for rank, i in enumerate(order):
+        scales[i] = fixed[i] if fixed[i] is not None else (first if rank == 0 else later)
+    return scales
+
+
+def set_scales(pipe: Any, scales: list[float]) -> None:
+    from ..assets.format import set_lora_scale
+
+    for i, scale in enumerate(scales):
+        for module in (pipe.unet, pipe.text_encoder):
+            set_lora_scale(module, f"asset{i}", scale)
+
+
+def _check_base(ctx: RunContext, i: int, asset: Any) -> None:
+    trained_on = (asset.card.get("base_model") or {})
+    ours = ctx.extra.get("model_identity")
+    if trained_on.get("identity") is not None and ours is not None and trained_on["identity"] != ours:
+        raise StepFailed(ctx.step_id, f"asset {i} (`{asset.path}`) was trained on base model "
+                         f"`{trained_on.get('base', '?')}`, but this step runs `{ctx.model.base}` (identities differ)",
+                         hint="compose assets with the model they were trained on")
+
+
+def _contact_sheet(out_dir: Path, entries: list[dict[str, Any]]) -> None:
+    cells = "".join(f'<figure style="margin:6px;width:200px"><img src="{html.escape(e["file"])}" style="width:192px;'
+                    f'image-rendering:pixelated"><figcaption><b>{html.escape(e["id"])}</b> seed {e["seed"]}<br>'
+                    f'<small>{html.escape(e["prompt"])}</small></figcaption></figure>' for e in entries)
+    (out_dir / "index.html").write_text(f"<!doctype html><meta charset=utf-8><title>compose</title>"
+                                        f"<body style='font-family:sans-serif'><div style='display:flex;"
+                                        f"flex-wrap:wrap'>{cells}</div></body>", encoding="utf-8")

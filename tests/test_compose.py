@@ -1,0 +1,158 @@
+"""The compose step: one pipeline, per-prompt LoRA scales by the paper's rule, assets a prompt does not
+use contribute nothing, spec errors for unknown or ambiguous pseudo-words, base-model mismatch refused."""
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from caspec.errors import SpecError
+from caspec.exec.runner import run
+from caspec.models.load import load_pipeline
+from caspec.models.sampling import txt2img
+from caspec.ops import compose as C
+from caspec.plan.graph import make_plan
+from caspec.spec.load import load_spec
+from caspec.spec.models import ModelSpec
+from caspec.store import LocalStore
+from caspec.train import PseudoWord, TrainConfig, train_concept
+
+
+def test_prompt_scales_follow_the_paper_rule():
+    tokens = [["<dance1>", "<robot1>"], ["<style1>"], ["<cat1>"]]
+    none = [None, None, None]
+    assert C.prompt_scales("<style1> of a <dance1> <robot1>", tokens, 0.8, 0.5, none) == [0.5, 0.8, 0.0]
+    assert C.prompt_scales("a <robot1> <dance1> in <style1>", tokens, 0.8, 0.5, none) == [0.8, 0.5, 0.0]
+    assert C.prompt_scales("a plain photo", tokens, 0.8, 0.5, none) == [0.0, 0.0, 0.0]
+    assert C.prompt_scales("<cat1> and <style1>", tokens, 0.8, 0.5, [None, 0.3, None]) == [0.0, 0.3, 0.8]
+
+
+def make_asset(folder: Path, words: list[tuple[str, str]], color: tuple[int, int, int]) -> None:
+    pipe = load_pipeline(ModelSpec(), folder.parent, fresh=True)
+    img = Image.new("RGB", (64, 64), color)
+    caption = " ".join(w for w, _ in words)
+    cfg = TrainConfig(phase1_steps=2, phase2_steps=2, lr_lora_unet=0.05, lr_lora_text=0.05, checkpoint_every=0)
+    train_concept(pipe, [PseudoWord(w, init, "constant") for w, init in words], [(img, caption)], cfg, folder,
+                  checkpoint_dir=folder.parent / f"ckpt-{folder.name}", preview_prompts=[])
+    from caspec.assets.format import write_card
+    from caspec.models.load import model_identity
+
+    write_card(folder, {"pseudo_words": [{"token": w, "init": i, "role": "constant"} for w, i in words],
+                        "base_model": {"base": "tiny", "identity": model_identity(ModelSpec(), folder.parent)}})
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("library")
+    make_asset(root / "robot", [("<robot1>", "robot")], (200, 30, 30))
+    make_asset(root / "style", [("<style1>", "style")], (30, 30, 200))
+    return root
+
+
+SPEC = """
+version: 1
+name: comp
+defaults: {{seed: 5, steps: 6}}
+compose:
+  story:
+    assets: [{a}, {b}]
+    prompts: ["a <robot1> in <style1>", "<style1> of a <robot1>", "a photo of a cat"]
+    images: 1
+"""
+
+
+def write_spec(tmp: Path, library: Path, a: str = "./lib/robot", b: str = "./lib/style") -> Path:
+    (tmp / "lib").symlink_to(library, target_is_directory=True)
+    spec = tmp / "comp.yaml"
+    spec.write_text(textwrap.dedent(SPEC.format(a=a, b=b)))
+    return spec
+
+
+def test_compose_scales_per_prompt_and_bare_equality(tmp_path, library, monkeypatch):
+    spec = write_spec(tmp_path, library)
+    seen = []
+    real = C.set_scales
+
+    def spy(pipe, scales):
+        real(pipe, scales)
+        layers = {}
+        for comp in ("unet", "text_encoder"):
+            for name, layer in getattr(pipe, comp).named_modules():
+                if hasattr(layer, "scaling") and layer.scaling:
+                    layers[comp] = dict(layer.scaling)
+                    break
+        seen.append(layers)
+
+    monkeypatch.setattr(C, "set_scales", spy)
+    loaded = load_spec(spec)
+    store = LocalStore(tmp_path / ".caspec")
+    summary = run(loaded, store)
+    assert summary.exit_code == 0, summary.outcomes["story"]
+    # the scales actually set on the adapters, per prompt (alpha == rank here, so scaling == scale)
+    assert [s["unet"] for s in seen] == [{"asset0": 0.8, "asset1": 0.5}, {"asset0": 0.5, "asset1": 0.8},
+                                        {"asset0": 0.0, "asset1": 0.0}]
+    assert [s["text_encoder"] for s in seen] == [s["unet"] for s in seen]
+    out = tmp_path / "out" / "comp" / "story"
+    meta = Image.open(out / "p1-c0.png").text
+    assert json.loads(meta["assets"]) == [{"asset": "./lib/robot", "scale": 0.5}, {"asset": "./lib/style", "scale": 0.8}]
+    assert (out / "index.html").exists()
+    # a prompt without pseudo-words: exactly the bare model's image
+    cat = Image.open(out / "p2-c0.png")
+    bare = load_pipeline(ModelSpec(), tmp_path, fresh=True)
+    ref = txt2img(bare, ["a photo of a cat"], [int(cat.text["seed"])], steps=6, guidance_scale=7.5, negative_prompt="")[0]
+    assert np.array_equal(np.asarray(cat), np.asarray(ref))
+    # and the assets do change images that use them
+    robot = txt2img(bare, ["a <robot1> in <style1>"], [int(Image.open(out / "p0-c0.png").text["seed"])], steps=6)[0]
+    assert not np.array_equal(np.asarray(Image.open(out / "p0-c0.png")), np.asarray(robot))
+
+
+def test_asset_files_enter_the_key(tmp_path, library):
+    spec = write_spec(tmp_path, library)
+    store = LocalStore(tmp_path / ".caspec")
+    key = make_plan(load_spec(spec), store).nodes["story"].key
+    card = library / "style" / "card.yaml"
+    original = card.read_text()
+    try:
+        card.write_text(original + "\n# touched\n")
+        assert make_plan(load_spec(spec), store).nodes["story"].key != key
+    finally:
+        card.write_text(original)
+    assert make_plan(load_spec(spec), store).nodes["story"].key == key
+
+
+def test_unknown_and_ambiguous_pseudo_words_are_spec_errors(tmp_path, library):
+    spec = write_spec(tmp_path, library)
+    spec.write_text(spec.read_text().replace("a photo of a cat", "a <dog1> photo"))
+    with pytest.raises(SpecError) as err:
+        load_spec(spec)
+    text = err.value.render()
+    assert "comp.yaml:8:" in text and "compose.story.prompts[2]: no asset of this step defines the pseudo-word `<dog1>`" in text
+    spec.write_text(textwrap.dedent(SPEC.format(a="./lib/robot", b="./lib/robot")))
+    with pytest.raises(SpecError) as err:
+        load_spec(spec)
+    assert "both define the pseudo-word `<robot1>`" in err.value.render()
+    spec.write_text(textwrap.dedent(SPEC.format(a="./lib/robot", b="robto")))
+    with pytest.raises(SpecError) as err:
+        load_spec(spec)
+    assert "`robto` is not a `concepts` step" in err.value.render()
+
+
+def test_asset_from_another_base_model_is_refused(tmp_path, library):
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in (library / "robot").iterdir():
+        if f.is_file():
+            (other / f.name).write_bytes(f.read_bytes())
+    card = yaml.safe_load((other / "card.yaml").read_text())
+    card["base_model"] = {"base": "runwayml/sd15", "identity": {"kind": "hub", "commit": "abc"}}
+    (other / "card.yaml").write_text(yaml.safe_dump(card))
+    spec = write_spec(tmp_path, library, a="./other")
+    summary = run(load_spec(spec), LocalStore(tmp_path / ".caspec"))
+    outcome = summary.outcomes["story"]
+    assert outcome.status == "failed"
+    assert "runwayml/sd15" in outcome.message and "`tiny`" in outcome.message
