@@ -260,6 +260,7 @@ class Clip:
         import torch
         from PIL import Image as PILImage
 
+        images = list(images)
         bs = max(1, int(batch_size or self.batch_size))
         out: list[torch.Tensor] = []
         with torch.inference_mode():

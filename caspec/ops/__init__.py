@@ -8,8 +8,8 @@ from importlib import import_module
 
 from .base import Op
 
-_MODULES = {"root": "generate", "edit": "edit", "select": "select_manual", "train": "train", "compose": "compose"}
-_CLASSES = {"root": "GenerateOp", "edit": "EditOp", "select": "SelectManualOp", "train": "TrainOp", "compose": "ComposeOp"}
+_MODULES = {"root": "generate", "edit": "edit", "select": "select_manual", "train": "train", "compose": "compose", "export": "export", "eval": "eval"}
+_CLASSES = {"root": "GenerateOp", "edit": "EditOp", "select": "SelectManualOp", "train": "TrainOp", "compose": "ComposeOp", "export": "ExportOp", "eval": "EvalOp"}
 _cache: dict[str, Op] = {}
 
 

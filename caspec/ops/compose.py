@@ -70,19 +70,18 @@ class ComposeOp(Op):
         return {"images": entries}
 
     def _folders(self, ctx: RunContext, tmp: Path) -> list[Path]:
-        """Each asset as a folder: a path input as is, a `concepts` step's record copied out of the store."""
-        folders = []
-        for i in range(len(ctx.params["assets"])):
-            role = f"asset{i}"
-            if role in ctx.upstream:
-                folder = tmp / role
-                folder.mkdir()
-                for name in ASSET_FILES:
-                    shutil.copyfile(ctx.upstream[role].file(name), folder / name)
-                folders.append(folder)
-            else:
-                folders.append(ctx.inputs[f"{role}/card.yaml"].parent)
-        return folders
+        return [asset_folder(ctx, f"asset{i}", tmp) for i in range(len(ctx.params["assets"]))]
+
+
+def asset_folder(ctx: RunContext, role: str, tmp: Path) -> Path:
+    """An input asset as a folder: a path input as is, a `concepts` step's record copied out of the store."""
+    if role not in ctx.upstream:
+        return ctx.inputs[f"{role}/card.yaml"].parent
+    folder = tmp / role
+    folder.mkdir()
+    for name in ASSET_FILES:
+        shutil.copyfile(ctx.upstream[role].file(name), folder / name)
+    return folder
 
     def _render(self, ctx: RunContext, pipe: Any, j: int, prompt: str, scales: list[float],
                 assets: list[Any]) -> list[dict[str, Any]]:

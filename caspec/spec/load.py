@@ -153,7 +153,7 @@ def _load(text: str, path: str | Path, shown: str) -> LoadedSpec:
     abspath = Path(path).absolute()
     name = spec.name or abspath.stem
     _fail_if(_check_steps(spec, src) + _check_name(spec, name, src))
-    _fail_if(_check_compose(spec, src, abspath.parent))
+    _fail_if(_check_compose(spec, src, abspath.parent) + _check_export_eval(spec, src, abspath.parent))
     return LoadedSpec(spec=spec, path=abspath, name=name, dir=abspath.parent, text=text,
                       positions=dict(src.positions), file=shown)
 
@@ -1058,6 +1058,25 @@ def _check_compose(spec: Spec, src: _Source, spec_dir: Path) -> list[Problem]:
                     defined = ", ".join(f"`{w}`" for w, _ in words)
                     problems.append(src.problem(("compose", cid, "prompts", j), f"no asset of this step defines "
                                                 f"the pseudo-word `{used}`", f"defined: {defined}"))
+    return problems
+
+
+def _check_export_eval(spec: Spec, src: _Source, spec_dir: Path) -> list[Problem]:
+    """`export.*.asset` names a concepts step or an asset folder; `eval.*.from` names compose steps."""
+    problems: list[Problem] = []
+    for sid, step in spec.export.items():
+        if asset_words(spec, step.asset, spec_dir) is None:
+            hint = _did_you_mean(step.asset, list(spec.concepts)) or "name a `concepts` step, or an asset folder path"
+            problems.append(src.problem(("export", sid, "asset"), f"`{step.asset}` is neither a `concepts` step nor "
+                                        "an asset folder", hint))
+    for sid, step in spec.eval.items():
+        for i, ref in enumerate(step.from_):
+            if ref not in spec.compose:
+                hint = _did_you_mean(ref, list(spec.compose)) or f"compose steps: {_ticks(list(spec.compose)) or 'none'}"
+                problems.append(src.problem(("eval", sid, "from", i), f"`{ref}` is not a `compose` step", hint))
+        if step.clip.checkpoint is not None and not (spec_dir / step.clip.checkpoint).is_file():
+            problems.append(src.problem(("eval", sid, "clip", "checkpoint"), f"no file `{step.clip.checkpoint}`",
+                                        "the checkpoint path is relative to the spec file"))
     return problems
 
 

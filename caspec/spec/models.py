@@ -187,8 +187,40 @@ class ComposeStep(Sampling):
         return _as_list(value)
 
 
+class ExportStep(_Model):
+    """Write a concept asset in a format other tools load."""
+
+    asset: str = Field(min_length=1, description="A `concepts` step id, or an asset folder path (contains `/`).")
+    format: Literal["diffusers", "a1111", "bundle"] = Field(description="`diffusers` (load_lora_weights + load_textual_inversion), `a1111` (emb_params embeddings + kohya LoRA), `bundle` (one kohya LoRA file with bundle_emb.* embeddings).")
+
+
+class ClipModel(_Model):
+    """The CLIP model used for metrics: an open_clip model name with a pretrained tag or a local checkpoint
+    (offline, neither: random weights from the config, for tests only)."""
+
+    model: str = Field("ViT-B-32", min_length=1)
+    pretrained: str | None = Field(None, description="open_clip pretrained tag (its weights must be in the local cache).")
+    checkpoint: str | None = Field(None, description="Path of a local checkpoint file, relative to the spec (hashed into the key).")
+
+
+class EvalStep(_Model):
+    """The paper's metrics (section 4.1) over compose outputs: prompt consistency (CLIP text-image) and
+    identity consistency (CLIP image-image among images of the same concept), a JSON and a plot."""
+
+    from_: list[StepId] = Field(alias="from", min_length=1, description="Compose step(s) whose images are measured.")
+    describe: dict[str, str] = Field(default_factory=dict, description="Plain words for each pseudo-word (or `{k}` template), used in prompt consistency: `{\"<robot{k}>\": robot}`.")
+    clip: ClipModel = Field(default_factory=ClipModel)
+    min_prompt_consistency: float | None = Field(None, ge=-1, le=1, description="Fail the step when a concept's prompt consistency is below this.")
+    min_identity_consistency: float | None = Field(None, ge=-1, le=1, description="Fail the step when a concept's identity consistency is below this.")
+
+    @field_validator("from_", mode="before")
+    @classmethod
+    def _from_list(cls, value: Any) -> Any:
+        return _as_list(value)
+
+
 SECTIONS: dict[str, str] = {"roots": "root", "edits": "edit", "select": "select", "concepts": "train",
-                            "compose": "compose"}
+                            "compose": "compose", "export": "export", "eval": "eval"}
 """Spec section name -> step kind."""
 
 
@@ -208,6 +240,8 @@ class Spec(_Model):
     select: dict[StepId, SelectStep] = Field(default_factory=dict)
     concepts: dict[StepId, ConceptStep] = Field(default_factory=dict, description="Concept assets to train (step kind `train`).")
     compose: dict[StepId, ComposeStep] = Field(default_factory=dict, description="Images from prompts mixing concept assets.")
+    export: dict[StepId, ExportStep] = Field(default_factory=dict, description="Concept assets in other tools' formats.")
+    eval: dict[StepId, EvalStep] = Field(default_factory=dict, description="The paper's CLIP metrics over compose outputs.")
 
     def steps(self) -> Iterator[tuple[str, str, _Model]]:
         """Yield ``(section, step_id, step)`` for every step, in file order within each section."""

@@ -1,0 +1,495 @@
+"""Import a concept asset from the files :mod:`caspec.assets.export` writes (or the same formats from other tools).
+
+``import_asset(src, out_dir, tokens=...)`` reads ``src`` and writes a caspec asset folder ``out_dir``
+(``embeddings.safetensors``, ``lora.safetensors``, ``card.yaml``: :func:`caspec.assets.format.save_asset` and
+:func:`~caspec.assets.format.write_card`). ``src`` may be
+
+* a caspec asset folder (``embeddings.safetensors`` inside): copied;
+* a ``diffusers`` export: ``pytorch_lora_weights.safetensors`` (rank and alpha from its
+  ``lora_adapter_metadata`` header entry; without one, diffusers' convention ``alpha = rank``) plus
+  textual-inversion files ``{token: tensor[1, d]}``;
+* an ``a1111`` export: ``{"emb_params": tensor[n, d]}`` embeddings (the file name is the word) and/or a kohya
+  LoRA file (``lora_unet_*`` / ``lora_te_*`` keys with ``.alpha``);
+* a ``bundle``: one kohya LoRA file that also holds ``bundle_emb.<word>.string_to_param.*`` (or OneTrainer's
+  ``bundle_emb.<word>.clip_l``) embeddings;
+* a single embedding file.
+
+Files the exporter wrote carry a ``caspec`` header entry that restores the pseudo-words (with their angle
+brackets), roles, initializer words, targets and the exact module paths behind kohya names. Without it, a
+word ``shape1`` becomes the pseudo-word ``<shape1>`` and kohya names are mapped with diffusers' own converters.
+``tokens`` renames: ``{word or token found in src: pseudo-word to use}``.
+
+Pickled embeddings (``.pt`` / ``.bin``, e.g. A1111's ``{"string_to_param": {"*": t}, "name": ...}``) are read
+ONLY with ``torch.load(..., weights_only=True)``: a pickle that needs anything beyond tensors and plain
+containers is refused with :class:`UnsafeFileError` and never executed.
+
+LoRA layers are stored with one rank and one alpha per asset. Layers whose alpha differs from the most common
+one get ``alpha_layer / alpha`` folded into their ``lora_B``, so every layer's delta
+``B @ A * alpha / rank`` is unchanged; mixed ranks are refused.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..fsutil import atomic_write_bytes
+from .export import BUNDLE_PREFIX, EXPORT_FORMAT, KOHYA_PREFIX, META_KEY, TEXT_MODEL
+from .format import COMPONENTS, EMBEDDINGS_FILE, load_asset, save_asset, write_card
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt", ".pth")
+PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt", ".pth")
+_KOHYA_STARTS = tuple(KOHYA_PREFIX.values()) + ("lora_te1_", "lora_te2_")
+_KOHYA_LAYER = re.compile(r"^(?P<name>lora_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+_BUNDLE_KEY = re.compile(r"^bundle_emb\.(?P<word>.+?)\.(?:string_to_param\.\*|clip_l)$")
+_PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+
+
+class UnsafeFileError(ValueError):
+    """A pickled file that cannot be loaded without running code (refused, never executed)."""
+
+
+@dataclass
+class _Layer:
+    comp: str
+    module: str
+    a: Any
+    b: Any
+    alpha: float
+
+
+@dataclass
+class _Found:
+    """What the source files hold, before it becomes an asset."""
+
+    embeddings: list[tuple[str, Any, dict[str, Any]]] = field(default_factory=list)  # (word, tensor [n, d], info)
+    layers: list[_Layer] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # the caspec header of the LoRA/bundle file
+    formats: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+
+
+def import_asset(src: str | Path, out_dir: str | Path, *, tokens: Mapping[str, str] | None = None) -> Path:
+    """Read ``src`` (a folder or file in any exported format) and write a caspec asset folder ``out_dir``."""
+    src, out = Path(src), Path(out_dir)
+    if not src.exists():
+        raise ValueError(f"nothing to import: {src} does not exist")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"import target {out} exists and is not an empty folder")
+    if src.is_dir() and (src / EMBEDDINGS_FILE).is_file():
+        return _copy_asset(src, out, dict(tokens or {}))
+    files = sorted(p for p in src.iterdir() if _weight_file(p)) if src.is_dir() else [src]
+    if not files:
+        raise ValueError(f"{src} holds no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+    found = _Found(files=files)
+    for path in files:
+        _read_file(path, found)
+    return _write(found, src, out, dict(tokens or {}))
+
+
+def _weight_file(p: Path) -> bool:
+    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in WEIGHT_SUFFIXES
+
+
+# ---------------------------------------------------------------------------------------------
+# reading files
+
+
+def _read_file(path: Path, found: _Found) -> None:
+    tensors, meta = _load_tensors(path)
+    info = _caspec_info(meta)
+    keys = list(tensors)
+    if not keys:
+        raise ValueError(f"{path} holds no tensors")
+    if all(k.startswith(_KOHYA_STARTS) or k.startswith(BUNDLE_PREFIX) for k in keys):
+        _read_kohya(path, tensors, info, found)
+    elif all(k.startswith(tuple(f"{c}." for c in COMPONENTS)) for k in keys):
+        _read_diffusers_lora(path, tensors, meta, info, found)
+    elif "emb_params" in tensors and len(keys) == 1:
+        found.embeddings.append((path.stem, tensors["emb_params"], info))
+        found.formats.append("a1111")
+    elif "string_to_param" in tensors:  # A1111 .pt: {"string_to_param": {"*": t}, "name": ...}
+        params = tensors["string_to_param"]
+        t = params.get("*") if isinstance(params, Mapping) else None
+        if t is None and isinstance(params, Mapping) and len(params) == 1:
+            t = next(iter(params.values()))
+        if not _is_tensor(t):
+            raise ValueError(f"{path}: `string_to_param` holds no embedding tensor")
+        found.embeddings.append((path.stem, t, info))
+        found.formats.append("a1111")
+    elif len(keys) == 1 and _is_tensor(tensors[keys[0]]):  # diffusers textual inversion {token: t}
+        word = info.get("token") or keys[0]
+        found.embeddings.append((word, tensors[keys[0]], info))
+        found.formats.append("diffusers")
+    else:
+        raise ValueError(f"{path}: cannot tell what this file is (keys {keys[:4]}...): expected a LoRA "
+                         "(diffusers or kohya layout) or a textual-inversion embedding")
+
+
+def _is_tensor(t: Any) -> bool:
+    import torch
+
+    return isinstance(t, torch.Tensor)
+
+
+def _load_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The file's tensors (safetensors, or a pickle read with ``weights_only=True``) and header metadata."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as fh:
+                return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"cannot read {path} as safetensors: {type(exc).__name__}: {exc}") from None
+    return _load_pickle(path), {}
+
+
+def _load_pickle(path: Path) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only; code never runs."""
+    import pickle
+
+    import torch
+
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsafeFileError(
+            f"refusing to load {path}: it is a pickle that holds more than tensors and plain data, and loading it "
+            f"could run arbitrary code ({first}). caspec loads .pt/.bin files only with torch.load(weights_only=True); "
+            "if you trust the file, convert it to safetensors yourself") from None
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+    if _is_tensor(data):
+        return {path.stem: data}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: expected a dict of tensors, found a {type(data).__name__}")
+    return dict(data)
+
+
+def _caspec_info(meta: Mapping[str, str]) -> dict[str, Any]:
+    raw = meta.get(META_KEY)
+    if not raw:
+        return {}
+    try:
+        info = json.loads(raw)
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) and info.get("format") == EXPORT_FORMAT else {}
+
+
+def _read_kohya(path: Path, tensors: Mapping[str, Any], info: dict[str, Any], found: _Found) -> None:
+    groups: dict[str, dict[str, Any]] = {}
+    bundle = []
+    for key, value in tensors.items():
+        if key.startswith(BUNDLE_PREFIX):
+            m = _BUNDLE_KEY.match(key)
+            if m is None:
+                raise ValueError(f"{path}: unknown bundled-embedding key {key!r}")
+            bundle.append((m["word"], value))
+            continue
+        m = _KOHYA_LAYER.match(key)
+        if m is None:
+            raise ValueError(f"{path}: unsupported kohya key {key!r} (plain LoRA only: lora_down / lora_up / alpha)")
+        groups.setdefault(m["name"], {})[m["part"]] = value
+    if any(n.startswith("lora_te2_") for n in groups):
+        raise ValueError(f"{path}: an SDXL LoRA (lora_te2_ keys): caspec assets are SD1.x-style (one text encoder)")
+    modules = info.get("modules") if isinstance(info.get("modules"), Mapping) else {}
+    for name, parts in sorted(groups.items()):
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise ValueError(f"{path}: layer {name} lacks lora_down or lora_up")
+        a, b = parts["lora_down.weight"], parts["lora_up.weight"]
+        rank = a.shape[0]
+        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(rank)
+        where = modules.get(name)
+        comp, module = where.split(":", 1) if where else _kohya_module(name, a, b)
+        found.layers.append(_Layer(comp, module, a, b, alpha))
+    for word, t in bundle:
+        found.embeddings.append((word, t, {}))
+    if groups or info:
+        found.info = found.info or info
+    found.formats.append("bundle" if bundle else "a1111")
+
+
+def _kohya_module(name: str, a: Any, b: Any) -> tuple[str, str]:
+    """``(component, peft module path)`` for a kohya layer, through diffusers' own converters."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from diffusers.utils.state_dict_utils import (StateDictType, convert_state_dict_to_diffusers,
+                                                  convert_state_dict_to_peft, convert_unet_state_dict_to_peft)
+
+    sd = {f"{name}.lora_down.weight": a, f"{name}.lora_up.weight": b}
+    try:
+        converted, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(sd)
+        comp = "unet" if name.startswith("lora_unet_") else "text_encoder"
+        part = {k.removeprefix(f"{comp}."): v for k, v in converted.items()}
+        if comp == "unet":
+            peft = convert_unet_state_dict_to_peft(part)
+        else:
+            peft = convert_state_dict_to_diffusers(part, original_type=StateDictType.DIFFUSERS_OLD)
+            peft = convert_state_dict_to_peft(peft, original_type=StateDictType.DIFFUSERS)
+        down = [k for k in peft if k.endswith(".lora_A.weight")]
+        if len(down) != 1 or len(peft) != 2:
+            raise ValueError(f"converted to {sorted(peft)}")
+        return comp, down[0].removesuffix(".lora_A.weight")
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"cannot map the kohya layer {name} to a module path ({exc})") from None
+
+
+def _read_diffusers_lora(path: Path, tensors: Mapping[str, Any], meta: Mapping[str, str], info: dict[str, Any],
+                         found: _Found) -> None:
+    from diffusers.utils.state_dict_utils import (StateDictType, convert_state_dict_to_diffusers,
+                                                  convert_state_dict_to_peft, convert_unet_state_dict_to_peft)
+
+    adapter: dict[str, Any] = {}
+    raw = meta.get("lora_adapter_metadata")
+    if raw:
+        try:
+            adapter = dict(json.loads(raw))
+        except ValueError:
+            raise ValueError(f"{path}: unreadable lora_adapter_metadata header entry") from None
+    for comp in COMPONENTS:
+        part = {k.removeprefix(f"{comp}."): v for k, v in tensors.items() if k.startswith(f"{comp}.")}
+        if not part:
+            continue
+        if comp == "unet":
+            peft = convert_unet_state_dict_to_peft(part)
+        else:
+            if any("_lora." in k for k in part):
+                part = convert_state_dict_to_diffusers(part, original_type=StateDictType.DIFFUSERS_OLD)
+            peft = convert_state_dict_to_peft(part, original_type=StateDictType.DIFFUSERS)
+        cfg = {k.removeprefix(f"{comp}."): v for k, v in adapter.items() if k.startswith(f"{comp}.")}
+        for module, (a, b) in _peft_pairs(peft, path).items():
+            found.layers.append(_Layer(comp, module, a, b, _diffusers_alpha(cfg, module, a.shape[0])))
+    found.info = found.info or info
+    found.formats.append("diffusers")
+
+
+def _diffusers_alpha(cfg: Mapping[str, Any], module: str, rank: int) -> float:
+    """The alpha diffusers would give ``module``: ``alpha_pattern``, else ``lora_alpha``, else the rank."""
+    pattern = cfg.get("alpha_pattern") or {}
+    for key, value in pattern.items():
+        k = key.lstrip("^")
+        if module == k or module.endswith("." + k) or re.fullmatch(key, module):
+            return float(value)
+    if "lora_alpha" in cfg:
+        return float(cfg["lora_alpha"])
+    return float(rank)
+
+
+def _peft_pairs(peft: Mapping[str, Any], path: Path) -> dict[str, tuple[Any, Any]]:
+    pairs: dict[str, dict[str, Any]] = {}
+    for key, value in peft.items():
+        m = _PEFT_KEY.match(key)
+        if m is None:
+            raise ValueError(f"{path}: unsupported LoRA key {key!r} (plain lora_A / lora_B weights only)")
+        pairs.setdefault(m["module"], {})[m["part"]] = value
+    out = {}
+    for module, parts in pairs.items():
+        if set(parts) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{path}: module {module} lacks lora_A or lora_B")
+        out[module] = (parts["lora_A"], parts["lora_B"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# writing the asset
+
+
+@functools.lru_cache(maxsize=1)
+def _clip_has_text_model() -> bool:
+    """Whether this transformers' CLIPTextModel nests its layers under ``text_model`` (older versions do)."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        model = CLIPTextModel(CLIPTextConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                             num_attention_heads=1, max_position_embeddings=4, projection_dim=8))
+    return any(n == "text_model" for n, _ in model.named_children())
+
+
+def _te_path(module: str) -> str:
+    """A text-encoder module path in this transformers' CLIPTextModel layout."""
+    bare = module.removeprefix(TEXT_MODEL)
+    return TEXT_MODEL + bare if _clip_has_text_model() else bare
+
+
+def _default_token(word: str) -> str:
+    if word.startswith("<") and word.endswith(">"):
+        return word
+    clean = re.sub(r"[^A-Za-z0-9]", "", word)
+    if not clean:
+        raise ValueError(f"cannot make a pseudo-word from {word!r}: pass tokens={{{word!r}: '<name>'}}")
+    return f"<{clean}>"
+
+
+def _write(found: _Found, src: Path, out: Path, renames: dict[str, str]) -> Path:
+    import torch
+
+    if not found.embeddings:
+        raise ValueError(f"{src} holds no pseudo-word embeddings (a LoRA alone is not a concept asset)")
+    info = found.info
+    words = info.get("words") if isinstance(info.get("words"), Mapping) else {}
+    by_word = {w: t for t, w in words.items()}
+    entries = []  # (order, pseudo-word, vector [d], pseudo-word as exported or None, name found in src)
+    used: set[str] = set()
+    for word, t, tinfo in found.embeddings:
+        src_tok = tinfo.get("token") or by_word.get(word)  # the pseudo-word as exported, when the header says
+        natural = src_tok or _default_token(word)
+        if word in renames:
+            tok = renames[word]
+            used.add(word)
+        elif natural in renames:
+            tok = renames[natural]
+            used.add(natural)
+        else:
+            tok = natural
+        if t.ndim == 1:
+            t = t.reshape(1, -1)
+        if t.ndim != 2 or t.shape[0] != 1:
+            raise ValueError(f"embedding {word!r} has shape {tuple(t.shape)}: caspec pseudo-words hold one vector "
+                             "each (multi-vector embeddings are not supported)")
+        order = tinfo.get("index")
+        if order is None and src_tok in (info.get("tokens") or []):
+            order = info["tokens"].index(src_tok)
+        entries.append((order if isinstance(order, int) else 10**6, tok, t[0], src_tok, word))
+    unknown = sorted(set(renames) - used)
+    if unknown:
+        raise ValueError(f"tokens= names {unknown} match no embedding in {src} "
+                         f"(found: {sorted({e[4] for e in entries} | {e[3] for e in entries if e[3]})})")
+    entries.sort(key=lambda e: (e[0], e[1]))
+    toks = [e[1] for e in entries]
+    dup = sorted({t for t in toks if toks.count(t) > 1})
+    if dup:
+        raise ValueError(f"{src}: pseudo-word(s) {dup} found twice; rename one with tokens=")
+    dims = {tuple(e[2].shape) for e in entries}
+    if len(dims) != 1:
+        raise ValueError(f"{src}: the embeddings have different widths {sorted(dims)}")
+    roles_src = info.get("roles") or {}
+    inits_src = info.get("init_words") or {}
+    roles, inits, embeddings = {}, {}, {}
+    for _, tok, t, src_tok, _w in entries:
+        embeddings[tok] = t.detach().to(torch.float32)
+        roles[tok] = str(roles_src.get(src_tok, "") or "imported") if src_tok else "imported"
+        inits[tok] = str(inits_src.get(src_tok, "")) if src_tok else ""
+
+    lora, rank, alpha, targets = _assemble(found.layers, info)
+    out.mkdir(parents=True, exist_ok=True)
+    save_asset(out, tokens=toks, roles=roles, init_words=inits, embeddings=embeddings, lora=lora, lora_rank=rank,
+               lora_alpha=alpha, targets=targets)
+    card = {
+        "format": 1,
+        "kind": "caspec concept asset",
+        "pseudo_words": [{"token": t, "init": inits[t], "role": roles[t]} for t in toks],
+        "captions": [],
+        "base_model": {"base": info.get("base_model") or "?"},
+        "imported": {"from": str(src), "format": _format_name(found), "original_asset": info.get("asset"),
+                     "files": [{"file": p.name, "sha256": _sha256(p)} for p in found.files]},
+    }
+    write_card(out, card)
+    return out
+
+
+def _format_name(found: _Found) -> str:
+    kinds = list(dict.fromkeys(found.formats))
+    return kinds[0] if len(kinds) == 1 else "+".join(kinds)
+
+
+def _assemble(layers: list[_Layer], info: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], int, float,
+                                                                       dict[str, list[str]]]:
+    """One rank and one alpha for all layers (other alphas folded into ``lora_B``), peft state dicts, targets."""
+    import torch
+
+    lora: dict[str, dict[str, Any]] = {c: {} for c in COMPONENTS}
+    if not layers:
+        return lora, 0, 0.0, {c: [] for c in COMPONENTS}
+    ranks = {int(x.a.shape[0]) for x in layers}
+    if len(ranks) != 1:
+        raise ValueError(f"the LoRA layers have different ranks {sorted(ranks)}: caspec assets use one rank")
+    rank = ranks.pop()
+    bad = [f"{x.comp}.{x.module}" for x in layers if x.b.shape[1] != rank]
+    if bad:
+        raise ValueError(f"LoRA layer {bad[0]}: lora_up/lora_B does not match rank {rank}")
+    alphas = collections.Counter(x.alpha for x in layers)
+    want = info.get("lora_alpha")
+    alpha = float(want) if isinstance(want, (int, float)) and want in alphas else alphas.most_common(1)[0][0]
+    if not alpha > 0:
+        raise ValueError(f"LoRA alpha must be > 0 (got {alpha})")
+    for x in layers:
+        module = _te_path(x.module) if x.comp == "text_encoder" else x.module
+        b = x.b.detach().to(torch.float32)
+        if x.alpha != alpha:
+            b = b * (x.alpha / alpha)
+        key = f"{module}.lora_A.weight"
+        if key in lora[x.comp]:
+            raise ValueError(f"LoRA layer {x.comp}.{module} found twice")
+        lora[x.comp][key] = x.a.detach().to(torch.float32)
+        lora[x.comp][f"{module}.lora_B.weight"] = b
+    targets: dict[str, list[str]] = {}
+    known = info.get("targets") if isinstance(info.get("targets"), Mapping) else {}
+    for comp in COMPONENTS:
+        modules = sorted({k.removesuffix(".lora_A.weight") for k in lora[comp] if k.endswith(".lora_A.weight")})
+        listed = [str(t) for t in (known.get(comp) or [])]
+        if listed and modules and _targets_fit(listed, modules):
+            targets[comp] = listed
+        else:
+            targets[comp] = modules
+    return lora, rank, alpha, targets
+
+
+def _targets_fit(targets: list[str], modules: list[str]) -> bool:
+    """Whether every module is matched by a target and every target matches a module (peft's suffix rule)."""
+    def hit(m: str, t: str) -> bool:
+        return m == t or m.endswith("." + t)
+
+    return all(any(hit(m, t) for t in targets) for m in modules) and all(any(hit(m, t) for m in modules)
+                                                                          for t in targets)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# caspec folders: a copy
+
+
+def _copy_asset(src: Path, out: Path, renames: dict[str, str]) -> Path:
+    asset = load_asset(src)  # validates the folder before anything is written
+    unknown = sorted(set(renames) - set(asset.tokens))
+    if unknown:
+        raise ValueError(f"tokens= names {unknown} are not pseudo-words of {src} ({', '.join(asset.tokens)})")
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(src.rglob("*")):
+        if path.is_file() and not path.name.startswith("."):
+            atomic_write_bytes(out / path.relative_to(src), path.read_bytes())
+    if renames:
+        toks = [renames.get(t, t) for t in asset.tokens]
+        if len(set(toks)) != len(toks):
+            raise ValueError(f"tokens= renames give duplicate pseudo-words: {toks}")
+        save_asset(out, tokens=toks, roles={renames.get(t, t): r for t, r in asset.roles.items()},
+                   init_words={renames.get(t, t): w for t, w in asset.init_words.items()},
+                   embeddings={renames.get(t, t): e for t, e in asset.embeddings.items()}, lora=asset.lora,
+                   lora_rank=asset.lora_rank, lora_alpha=asset.lora_alpha, targets=asset.targets)
+        card = dict(asset.card)
+        if isinstance(card.get("pseudo_words"), list):
+            card["pseudo_words"] = [{**w, "token": renames.get(w.get("token"), w.get("token"))}
+                                    if isinstance(w, Mapping) else w for w in card["pseudo_words"]]
+        write_card(out, card)
+    return out
+
+
+__all__ = ["import_asset", "UnsafeFileError"]
