@@ -272,5 +272,72 @@ def assets_show(name: str, spec: str | None, store: str | None) -> int:
     return 0
 
 
+@main.command("export")
+@click.argument("asset")
+@click.option("--format", "fmt", required=True, type=click.Choice(["diffusers", "a1111", "bundle"]),
+              help="diffusers: load_lora_weights + load_textual_inversion; a1111: emb_params + kohya LoRA; "
+                   "bundle: one kohya LoRA file with bundle_emb.* embeddings.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Folder to write into.")
+@click.option("--spec", type=click.Path(dir_okay=False), help="Look ASSET up among this spec's assets.")
+@store_option
+@_guard
+def export_cmd(asset: str, fmt: str, out: str, spec: str | None, store: str | None) -> int:
+    """Export a concept asset (ASSET: an asset folder, or a `concepts` step of --spec)."""
+    from .assets.export import export_asset
+    from .assets.format import load_asset
+    from .assets.inspect import find_asset
+    from .models import quiet_libraries
+
+    quiet_libraries()
+    loaded = _load(spec) if spec else None
+    info = find_asset(asset, loaded, _store_for(loaded, store))
+    for path in export_asset(load_asset(info.folder, name=info.name), fmt, Path(out)):
+        click.echo(os.path.relpath(path))
+    return 0
+
+
+@main.command("import")
+@click.argument("src", type=click.Path(exists=True))
+@click.argument("out", type=click.Path(file_okay=False))
+@_guard
+def import_cmd(src: str, out: str) -> int:
+    """Import an asset exported in any supported format (diffusers, A1111/kohya, bundle, caspec) into
+    a caspec asset folder OUT. Pickled `.pt`/`.bin` files load with `weights_only=True` only."""
+    from .assets.importer import import_asset
+    from .models import quiet_libraries
+
+    quiet_libraries()
+    try:
+        click.echo(os.path.relpath(import_asset(Path(src), Path(out))))
+    except ValueError as exc:
+        raise UsageError(f"cannot import `{src}`: {exc}") from None
+    return 0
+
+
+@main.command("eval")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@store_option
+@_guard
+def eval_cmd(spec: str, store: str | None) -> int:
+    """Run SPEC's `eval` steps (and what they need) and print their metrics as JSON."""
+    from .exec.progress import RichReporter
+    from .exec.runner import run as run_spec
+
+    loaded = _load(spec)
+    steps = tuple(loaded.spec.eval)
+    if not steps:
+        raise UsageError(f"{loaded.path.name} has no `eval` steps", hint="add an `eval:` section over a compose step")
+    the_store = _store_for(loaded, store)
+    summary = run_spec(loaded, the_store, until=steps, reporter=RichReporter())
+    _report_run(summary, loaded, False)
+    metrics = {}
+    for sid in steps:
+        record = the_store.get(summary.plan.nodes[sid].key)
+        if record is not None:
+            metrics[sid] = record.result.get("metrics")
+    click.echo(json.dumps(metrics, indent=2, sort_keys=True))
+    return summary.exit_code
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

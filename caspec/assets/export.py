@@ -13,8 +13,9 @@ pseudo-word without its angle brackets (``<shape1>`` -> ``shape1``) and ``<name>
       ``text_encoder.text_model.<module>.lora_linear_layer.up.weight``, ...: the peft state dicts through
       ``convert_state_dict_to_diffusers``). Rank and alpha travel in the header entry
       ``lora_adapter_metadata`` (``{"unet.r": 4, "unet.lora_alpha": 8.0, "unet.target_modules": [...], ...}``),
-      which diffusers (>= 0.35) turns into the ``LoraConfig``: a ``lora_alpha`` different from the rank loads
-      with the trained scale ``alpha / rank``. (A loader that ignores that header would use ``alpha = rank``.)
+      which diffusers' loader (0.42 here) turns into the ``LoraConfig``: a ``lora_alpha`` different from the
+      rank loads with the trained scale ``alpha / rank``. (A loader that ignores that header would use
+      ``alpha = rank``.)
     * ``<word>.safetensors`` per pseudo-word: ``{"<word-with-brackets>": tensor[1, d]}``, the layout
       ``load_textual_inversion`` reads (it takes one token per file: a dict with several keys is refused).
 
@@ -164,8 +165,7 @@ def _words(asset: Asset, taken: set[str] = frozenset()) -> dict[str, str]:
 
 
 def _emb(asset: Asset, token: str) -> Any:
-    t = _f32(asset.embeddings[token]).reshape(1, -1)
-    return t
+    return _f32(asset.embeddings[token]).reshape(1, -1)
 
 
 # ---------------------------------------------------------------------------------------------

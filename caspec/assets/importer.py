@@ -17,7 +17,8 @@
 Files the exporter wrote carry a ``caspec`` header entry that restores the pseudo-words (with their angle
 brackets), roles, initializer words, targets and the exact module paths behind kohya names. Without it, a
 word ``shape1`` becomes the pseudo-word ``<shape1>`` and kohya names are mapped with diffusers' own converters.
-``tokens`` renames: ``{word or token found in src: pseudo-word to use}``.
+``tokens`` renames: ``{name: pseudo-word to use}``, where a name is the pseudo-word as found (``<shape1>``) or
+its bare word (``shape1``, the exported file name).
 
 Pickled embeddings (``.pt`` / ``.bin``, e.g. A1111's ``{"string_to_param": {"*": t}, "name": ...}``) are read
 ONLY with ``torch.load(..., weights_only=True)``: a pickle that needs anything beyond tensors and plain
@@ -39,11 +40,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..fsutil import atomic_write_bytes
-from .export import BUNDLE_PREFIX, EXPORT_FORMAT, KOHYA_PREFIX, META_KEY, TEXT_MODEL
+from .export import BUNDLE_PREFIX, EXPORT_FORMAT, KOHYA_PREFIX, META_KEY, TEXT_MODEL, word_for
 from .format import COMPONENTS, EMBEDDINGS_FILE, load_asset, save_asset, write_card
 
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt", ".pth")
-PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt", ".pth")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin")
+PICKLE_SUFFIXES = (".pt", ".bin")
 _KOHYA_STARTS = tuple(KOHYA_PREFIX.values()) + ("lora_te1_", "lora_te2_")
 _KOHYA_LAYER = re.compile(r"^(?P<name>lora_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
 _BUNDLE_KEY = re.compile(r"^bundle_emb\.(?P<word>.+?)\.(?:string_to_param\.\*|clip_l)$")
@@ -151,7 +152,9 @@ def _load_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
                 return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
         except Exception as exc:  # noqa: BLE001
             raise ValueError(f"cannot read {path} as safetensors: {type(exc).__name__}: {exc}") from None
-    return _load_pickle(path), {}
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return _load_pickle(path), {}
+    raise ValueError(f"{path}: unsupported file type (expected one of {', '.join(WEIGHT_SUFFIXES)})")
 
 
 def _load_pickle(path: Path) -> dict[str, Any]:
@@ -163,11 +166,12 @@ def _load_pickle(path: Path) -> dict[str, Any]:
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        m = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        why = f"it refers to `{m.group(1)}`" if m else "it is not a plain tensor pickle"
         raise UnsafeFileError(
-            f"refusing to load {path}: it is a pickle that holds more than tensors and plain data, and loading it "
-            f"could run arbitrary code ({first}). caspec loads .pt/.bin files only with torch.load(weights_only=True); "
-            "if you trust the file, convert it to safetensors yourself") from None
+            f"refusing to load {path}: {why}, and unpickling it could run arbitrary code. caspec reads .pt/.bin "
+            "files only with torch.load(weights_only=True) (tensors and plain containers); if you trust the file, "
+            "convert it to safetensors yourself") from None
     except Exception as exc:  # noqa: BLE001
         raise ValueError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
     if _is_tensor(data):
@@ -323,6 +327,14 @@ def _te_path(module: str) -> str:
     return TEXT_MODEL + bare if _clip_has_text_model() else bare
 
 
+def _bare(token: str) -> str:
+    """``<shape1>`` -> ``shape1`` (the name exported files use), or ``""``."""
+    try:
+        return word_for(token)
+    except ValueError:
+        return ""
+
+
 def _default_token(word: str) -> str:
     if word.startswith("<") and word.endswith(">"):
         return word
@@ -340,19 +352,16 @@ def _write(found: _Found, src: Path, out: Path, renames: dict[str, str]) -> Path
     info = found.info
     words = info.get("words") if isinstance(info.get("words"), Mapping) else {}
     by_word = {w: t for t, w in words.items()}
-    entries = []  # (order, pseudo-word, vector [d], pseudo-word as exported or None, name found in src)
+    entries = []  # (order, pseudo-word, vector [d], role, init word, pseudo-word as exported or None, name in src)
     used: set[str] = set()
     for word, t, tinfo in found.embeddings:
         src_tok = tinfo.get("token") or by_word.get(word)  # the pseudo-word as exported, when the header says
         natural = src_tok or _default_token(word)
-        if word in renames:
-            tok = renames[word]
-            used.add(word)
-        elif natural in renames:
-            tok = renames[natural]
-            used.add(natural)
-        else:
-            tok = natural
+        aliases = [a for a in dict.fromkeys([natural, word, _bare(natural)]) if a in renames]
+        if len({renames[a] for a in aliases}) > 1:
+            raise ValueError(f"tokens= renames {natural} twice: {', '.join(f'{a} -> {renames[a]}' for a in aliases)}")
+        tok = renames[aliases[0]] if aliases else natural
+        used.update(aliases)
         if t.ndim == 1:
             t = t.reshape(1, -1)
         if t.ndim != 2 or t.shape[0] != 1:
@@ -361,11 +370,13 @@ def _write(found: _Found, src: Path, out: Path, renames: dict[str, str]) -> Path
         order = tinfo.get("index")
         if order is None and src_tok in (info.get("tokens") or []):
             order = info["tokens"].index(src_tok)
-        entries.append((order if isinstance(order, int) else 10**6, tok, t[0], src_tok, word))
+        role = tinfo.get("role") or (info.get("roles") or {}).get(src_tok) or "imported"
+        init = tinfo.get("init_word") or (info.get("init_words") or {}).get(src_tok) or ""
+        entries.append((order if isinstance(order, int) else 10**6, tok, t[0], str(role), str(init), src_tok, word))
     unknown = sorted(set(renames) - used)
     if unknown:
         raise ValueError(f"tokens= names {unknown} match no embedding in {src} "
-                         f"(found: {sorted({e[4] for e in entries} | {e[3] for e in entries if e[3]})})")
+                         f"(found: {sorted({e[6] for e in entries} | {e[5] for e in entries if e[5]})})")
     entries.sort(key=lambda e: (e[0], e[1]))
     toks = [e[1] for e in entries]
     dup = sorted({t for t in toks if toks.count(t) > 1})
@@ -374,13 +385,9 @@ def _write(found: _Found, src: Path, out: Path, renames: dict[str, str]) -> Path
     dims = {tuple(e[2].shape) for e in entries}
     if len(dims) != 1:
         raise ValueError(f"{src}: the embeddings have different widths {sorted(dims)}")
-    roles_src = info.get("roles") or {}
-    inits_src = info.get("init_words") or {}
-    roles, inits, embeddings = {}, {}, {}
-    for _, tok, t, src_tok, _w in entries:
-        embeddings[tok] = t.detach().to(torch.float32)
-        roles[tok] = str(roles_src.get(src_tok, "") or "imported") if src_tok else "imported"
-        inits[tok] = str(inits_src.get(src_tok, "")) if src_tok else ""
+    embeddings = {e[1]: e[2].detach().to(torch.float32) for e in entries}
+    roles = {e[1]: e[3] for e in entries}
+    inits = {e[1]: e[4] for e in entries}
 
     lora, rank, alpha, targets = _assemble(found.layers, info)
     out.mkdir(parents=True, exist_ok=True)

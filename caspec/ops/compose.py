@@ -73,16 +73,6 @@ class ComposeOp(Op):
         return [asset_folder(ctx, f"asset{i}", tmp) for i in range(len(ctx.params["assets"]))]
 
 
-def asset_folder(ctx: RunContext, role: str, tmp: Path) -> Path:
-    """An input asset as a folder: a path input as is, a `concepts` step's record copied out of the store."""
-    if role not in ctx.upstream:
-        return ctx.inputs[f"{role}/card.yaml"].parent
-    folder = tmp / role
-    folder.mkdir()
-    for name in ASSET_FILES:
-        shutil.copyfile(ctx.upstream[role].file(name), folder / name)
-    return folder
-
     def _render(self, ctx: RunContext, pipe: Any, j: int, prompt: str, scales: list[float],
                 assets: list[Any]) -> list[dict[str, Any]]:
         from ..models.sampling import txt2img
@@ -145,3 +135,14 @@ def _contact_sheet(out_dir: Path, entries: list[dict[str, Any]]) -> None:
     (out_dir / "index.html").write_text(f"<!doctype html><meta charset=utf-8><title>compose</title>"
                                         f"<body style='font-family:sans-serif'><div style='display:flex;"
                                         f"flex-wrap:wrap'>{cells}</div></body>", encoding="utf-8")
+
+
+def asset_folder(ctx: RunContext, role: str, tmp: Path) -> Path:
+    """An input asset as a folder: a path input as is, a `concepts` step's record copied out of the store."""
+    if role not in ctx.upstream:
+        return ctx.inputs[f"{role}/card.yaml"].parent
+    folder = tmp / role
+    folder.mkdir()
+    for name in ASSET_FILES:
+        shutil.copyfile(ctx.upstream[role].file(name), folder / name)
+    return folder

@@ -1,0 +1,78 @@
+"""Issue 4 end to end on `tiny`: two concepts from two roots, composed in mixed prompts with the paper's
+scales, exported in every format, and measured (eval JSON, plot, threshold gate)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from caspec.cli import main
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str):
+    r = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return r.exit_code, r.stdout, r.stderr
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two")
+    shutil.copytree(ROOT / "specs" / "two-concepts", tmp / "two-concepts")
+    spec = tmp / "two-concepts.yaml"
+    shutil.copy(ROOT / "specs" / "two-concepts.yaml", spec)
+    code, _, err = cli("run", str(spec))
+    assert code == 0, err
+    return spec, tmp / "out" / "two-concepts"
+
+
+def test_compose_scales_and_metadata(built):
+    _, out = built
+    def used(name):
+        return json.loads(Image.open(out / "story" / name).text["assets"])
+    assert used("p0-c0.png") == [{"asset": "dancer", "scale": 0.8}, {"asset": "painting", "scale": 0.5}]
+    assert used("p1-c1.png") == [{"asset": "dancer", "scale": 0.5}, {"asset": "painting", "scale": 0.8}]
+    assert used("p2-c0.png") == [{"asset": "dancer", "scale": 0.8}]
+    meta = Image.open(out / "story" / "p1-c0.png").text
+    assert meta["prompt"] == "<style1> of a <robot1> on mars" and int(meta["seed"]) >= 0 and len(meta["key"]) == 64
+    assert (out / "story" / "index.html").exists()
+
+
+def test_exports(built):
+    _, out = built
+    assert sorted(p.name for p in (out / "dancer-diffusers").iterdir()) == [
+        ".caspec-key", "dance1.safetensors", "pytorch_lora_weights.safetensors", "robot1.safetensors",
+        "robot2.safetensors"]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "dancer-a1111" / "dancer.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in keys)
+    assert any(k.startswith("lora_te_") and k.endswith(".alpha") for k in keys)
+    with safe_open(str(out / "dancer-a1111" / "dance1.safetensors"), "pt") as f:
+        assert list(f.keys()) == ["emb_params"]
+    with safe_open(str(out / "painting-bundle" / "painting.safetensors"), "pt") as f:
+        assert any(k.startswith("bundle_emb.") for k in f.keys())
+
+
+def test_eval_json_plot_and_gate(built):
+    spec, out = built
+    result = json.loads((out / "quality" / "eval.json").read_text())
+    assert set(result["groups"]) == {"dancer", "painting"}
+    assert result["groups"]["dancer"]["n"] == 6 and result["groups"]["painting"]["n"] == 4
+    for group in result["groups"].values():
+        assert -1 <= group["prompt_consistency"] <= 1 and -1 <= group["identity_consistency"] <= 1
+    assert result["clip"]["model"] == "caspec-tiny-clip"
+    assert Image.open(out / "quality" / "plot.png").format == "PNG"
+    code, stdout, _ = cli("eval", str(spec))
+    assert code == 0 and json.loads(stdout)["quality"] == result["groups"]
+    spec.write_text(spec.read_text().replace("min_identity_consistency: -1.0", "min_identity_consistency: 0.9999"))
+    code, _, err = cli("run", str(spec))
+    assert code == 1
+    assert "quality below threshold" in err and "identity_consistency" in err and "< 0.9999" in err
