@@ -8,8 +8,10 @@ from importlib import import_module
 
 from .base import Op
 
-_MODULES = {"root": "generate", "edit": "edit", "select": "select_manual", "train": "train", "compose": "compose", "export": "export", "eval": "eval"}
-_CLASSES = {"root": "GenerateOp", "edit": "EditOp", "select": "SelectManualOp", "train": "TrainOp", "compose": "ComposeOp", "export": "ExportOp", "eval": "EvalOp"}
+_MODULES = {"root": "generate", "edit": "edit", "select": "select_manual", "train": "train", "compose": "compose", "export": "export", "eval": "eval",
+            "select-clip": "select_clip"}
+_CLASSES = {"root": "GenerateOp", "edit": "EditOp", "select": "SelectManualOp", "train": "TrainOp", "compose": "ComposeOp", "export": "ExportOp", "eval": "EvalOp",
+            "select-clip": "SelectClipOp"}
 _cache: dict[str, Op] = {}
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import PlanError
 from ..ops import get_op
 from ..ops.base import GateState, Op
-from ..spec.models import SECTIONS
+from ..spec.models import kind_of
 from .keys import cache_key, diff_material, key_material
 
 CACHED, RUN, AWAITING, BLOCKED = "cached", "run", "awaiting-review", "blocked"
@@ -83,7 +83,7 @@ def build_nodes(loaded: Any) -> dict[str, Node]:
     spec = loaded.spec
     raw: dict[str, Node] = {}
     for section, step_id, step in spec.steps():
-        kind = SECTIONS[section]
+        kind = kind_of(section, step)
         op = get_op(kind)
         raw[step_id] = Node(id=step_id, kind=kind, section=section, step=step, op=op,
                             params=op.params(step, spec), inputs=op.inputs(step, loaded.dir),

@@ -98,13 +98,35 @@ class EditStep(Sampling):
         return [value] if isinstance(value, int) else value
 
 
+class ClipSelect(_Model):
+    """Automatic selection by CLIP scores, standing in for the person (for CI and batch production)."""
+
+    model: str = Field("ViT-B-32", min_length=1, description="open_clip model name (`caspec-tiny-clip` for offline tests).")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag (its weights must be in the local cache).")
+    checkpoint: str | None = Field(None, description="Local CLIP checkpoint file, relative to the spec (hashed into the key).")
+    min_text: float | None = Field(None, ge=-1, le=1, description="Keep only candidates whose CLIP text-image similarity to their own prompt is at least this (does the edit show?).")
+    min_identity: float | None = Field(None, ge=-1, le=1, description="Keep only candidates whose image-image similarity to their source image is at least this (is the rest preserved?).")
+    max_identity: float | None = Field(None, ge=-1, le=1, description="Keep only candidates at most this similar to their source (did anything change?).")
+    max_duplicate: float | None = Field(None, ge=-1, le=1, description="Drop a candidate more similar than this to a better-ranked kept one (diversity).")
+    top_k: int | None = Field(None, ge=1, description="Keep at most this many, best score first.")
+    min_keep: int = Field(1, ge=0, description="Fail the step when fewer than this many pass (the message lists the best scores).")
+
+
 class SelectStep(_Model):
-    """Keep some candidates of a root or edit step. `manual`: a person marks them in a review manifest."""
+    """Keep some candidates of a root or edit step: `manual` (a person marks them in a review manifest)
+    or `clip` (CLIP-threshold filtering, its scores written to the same kind of manifest)."""
 
     from_: StepId = Field(alias="from", description="Id of the root or edit step whose candidates are reviewed.")
-    by: Literal["manual"] = Field("manual", description="Who decides: `manual` (a review manifest a person edits). `clip` comes in a later version.")
+    by: Literal["manual", "clip"] = Field("manual", description="Who decides: `manual` (a person, in a review manifest) or `clip` (automatic).")
     count: int | None = Field(None, ge=1, description="Exactly this many must be kept (the paper keeps 8).")
     manifest: str | None = Field(None, description="Review manifest path, relative to the spec file. Default: `reviews/<spec-name>/<step-id>.yaml`.")
+    clip: ClipSelect | None = Field(None, description="Settings of `by: clip`.")
+
+    @model_validator(mode="after")
+    def _clip_settings(self) -> "SelectStep":
+        if self.by == "manual" and self.clip is not None:
+            raise ValueError("`clip:` settings apply to `by: clip` only")
+        return self
 
 
 PSEUDO_WORD = r"^<[A-Za-z0-9_.-]*(\{k\})?[A-Za-z0-9_.-]*>$"
@@ -222,6 +244,13 @@ class EvalStep(_Model):
 SECTIONS: dict[str, str] = {"roots": "root", "edits": "edit", "select": "select", "concepts": "train",
                             "compose": "compose", "export": "export", "eval": "eval"}
 """Spec section name -> step kind."""
+
+
+def kind_of(section: str, step: Any) -> str:
+    """The step kind of a step in a section (`select` splits into `select` (manual) and `select-clip`)."""
+    if section == "select" and getattr(step, "by", "manual") == "clip":
+        return "select-clip"
+    return SECTIONS[section]
 
 
 class Spec(_Model):
