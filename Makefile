@@ -23,6 +23,7 @@ demo: setup
 	$(BIN)/caspec plan specs/demo.yaml
 
 test: setup
+	scripts/ensure-browser   # Debian chromium for the review-gallery browser test (skipped if it cannot be had)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 bench: setup

@@ -170,27 +170,39 @@ def schema() -> int:
 @main.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.argument("ids", nargs=-1, metavar="[ID]...")
-@click.option("--step", "step_id", required=True, metavar="STEP", help="The select step to review.")
+@click.option("--step", "step_id", metavar="STEP", help="The select step to review from a script (with --keep/--reject).")
 @click.option("--keep", "action", flag_value="keep", help="Mark the IDs kept (ids, digest prefixes, or `all`).")
 @click.option("--reject", "action", flag_value="reject", help="Mark the IDs not kept.")
 @click.option("--reset", is_flag=True, help="Start the review afresh from the current candidates.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Gallery: address to bind.")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535), help="Gallery: port (0: any free one).")
+@click.option("--allow-remote", is_flag=True, help="Gallery: allow binding and serving a non-local address.")
 @store_option
 @_guard
-def review(spec: str, ids: tuple[str, ...], step_id: str, action: str | None, reset: bool, store: str | None) -> int:
-    """Review the candidates of a select step from a script.
+def review(spec: str, ids: tuple[str, ...], step_id: str | None, action: str | None, reset: bool, host: str,
+           port: int, allow_remote: bool, store: str | None) -> int:
+    """Review candidates: a local web gallery, or from a script with --step.
 
     \b
+    caspec review SPEC                              open the gallery (http://127.0.0.1:8765/)
     caspec review SPEC --step STEP --keep ID...     mark candidates kept
     caspec review SPEC --step STEP --reject ID...   mark candidates not kept
     caspec review SPEC --step STEP                  show the candidates and their state
     """
+    loaded = _load(spec)
+    the_store = _store_for(loaded, store)
+    if step_id is None:
+        if ids or action or reset:
+            raise UsageError("--keep, --reject, ids and --reset need --step STEP", hint="e.g. `--step picks --keep s0-p0-c0`")
+        from .review.server import serve
+
+        return serve(loaded, the_store, host, port, allow_remote, spec_arg=spec)
     from .review.cli import review_step
 
     if ids and action is None:
         raise UsageError("candidate ids given without --keep or --reject", hint="e.g. `--keep s0-p0-c0 s0-p1-c1`")
-    loaded = _load(spec)
     wanted = _split(ids)
-    return review_step(loaded, _store_for(loaded, store), step_id, keep=wanted if action == "keep" else [],
+    return review_step(loaded, the_store, step_id, keep=wanted if action == "keep" else [],
                        reject=wanted if action == "reject" else [], reset=reset, spec_arg=spec)
 
 

@@ -91,3 +91,38 @@ def test_status_and_store_env(tmp_path):
     assert f"store: {store}" in out and "entries: 0 steps" in out
     assert "robot" in out and "run" in out and "never run" in out
     assert not store.exists()  # status is read-only
+
+
+def test_review_without_step_serves_the_gallery(tmp_path):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    path = spec(tmp_path, """
+        version: 1
+        roots: {robot: {prompt: "x", candidates: 1}}
+        select: {pick: {from: robot}}
+    """)
+    proc = subprocess.Popen([sys.executable, "-m", "caspec", "review", path, "--port", "0"], stderr=subprocess.PIPE,
+                            text=True, env=os.environ.copy())
+    try:
+        url = None
+        for line in proc.stderr:
+            found = re.search(r"http://127\.0\.0\.1:\d+/", line)
+            if found:
+                url = found.group(0)
+                break
+        assert url, "the gallery did not print its address"
+        with urllib.request.urlopen(url + "api/gates", timeout=10) as resp:
+            gates = json.loads(resp.read())
+        text = json.dumps(gates)
+        assert "pick" in text and "caspec run" in text  # the gate is listed; its upstream has not run yet
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=20)
+    assert proc.returncode == 0
+    code, _, err = cli("review", path, "--keep", "c000")
+    assert code == 2 and "need --step" in err
