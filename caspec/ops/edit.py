@@ -7,6 +7,10 @@ Candidate seeds are ``derive_seed(seed, "edit", source_digest, prompt, k)``: the
 source image's content and the prompt, so adding prompts, candidates or sources never changes
 an existing image.
 
+Each edited source image is also written, as decoded (RGB), to ``sources/s<i>.png``, and every
+candidate's entry names it in ``source_file``: a later step (``select`` with ``by: clip``) compares a
+candidate with its source without going back to the source step.
+
 No torch at module level: planning imports this module and never loads a model.
 """
 from __future__ import annotations
@@ -26,7 +30,7 @@ def edit_id(source_index: int, prompt_index: int, k: int) -> str:
 
 class EditOp(Op):
     KIND = "edit"
-    VERSION = 1
+    VERSION = 2  # 2: sources/s<i>.png and `source_file`
     USES_MODEL = True
 
     def params(self, step: EditStep, spec: Spec) -> dict[str, Any]:
@@ -116,6 +120,13 @@ class EditOp(Op):
             raise StepFailed(ctx.step_id, str(exc),
                              hint="raise `strength` or `steps` so that int(steps * strength) >= 1") from None
 
+        source_files = {}
+        for i, entry, digest, img in sources:
+            rel = f"sources/s{i}.png"
+            (ctx.out_dir / "sources").mkdir(exist_ok=True)
+            save_png(ctx.out_dir / rel, img, {"source": entry.get("id"), "source_digest": digest, "step": ctx.step_id})
+            source_files[i] = rel
+
         out = []
         for (iid, i, entry, digest, _img, j, prompt, k, seed), image in zip(jobs, images):
             file = f"{iid}.png"
@@ -126,8 +137,8 @@ class EditOp(Op):
                 "step": ctx.step_id, "key": ctx.key, "id": iid, "model": ctx.model.base,
             })
             out.append(image_entry(iid, file, prompt=prompt, negative_prompt=p["negative_prompt"], seed=seed,
-                                   source=entry.get("id"), source_index=i, prompt_index=j, candidate=k,
-                                   digest=pixel_digest(image)))
+                                   source=entry.get("id"), source_index=i, source_file=source_files[i],
+                                   prompt_index=j, candidate=k, digest=pixel_digest(image)))
         return {"images": out}
 
 

@@ -135,7 +135,7 @@ def _copy_kept(ctx: RunContext, source: Any, images: list[dict[str, Any]], m: Ma
     for img in images:
         if img["digest"] in keep:
             shutil.copyfile(source.file(img["file"]), ctx.out_dir / img["file"])
-            out.append({k: v for k, v in img.items() if k != "file_digest"})
+            out.append({k: v for k, v in img.items() if k not in ("file_digest", "source_file")})
     return out
 
 

@@ -5,6 +5,11 @@ with ``keep: true|false``. Its *decision* (the sorted digests kept) enters the s
 so editing the manifest is what lets a paused run go on. A manifest may be pre-filled by hand or shipped
 with a recipe: entries with an ``id`` and ``keep`` but no ``digest`` are resolved against the candidates
 (and their digests written in) once those exist. Writes are atomic (temp file + os.replace).
+
+A ``select`` step with ``by: clip`` writes the same format with ``keep`` already decided, each
+candidate's CLIP ``scores``, and a top-level ``auto`` block recording the automatic decision
+(``auto.keep``: the sorted digests CLIP kept). A ``keep`` set that differs from ``auto.keep`` is a
+person's override.
 """
 from __future__ import annotations
 
@@ -25,6 +30,12 @@ HEADER = """\
 # Mark `keep: true` on the candidates to keep{count_note}, save, then re-run `caspec run`.
 # Contact sheet: {sheet}
 # Or from a script: caspec review SPEC --step {step} --keep ID [ID...]
+"""
+
+AUTO_HEADER = """\
+# caspec selection manifest for step `{step}` of spec `{spec}`: decided by CLIP (see each candidate's `scores`).
+# To override, change `keep:` on the candidates{count_note} and re-run `caspec run`: a `keep` set that differs
+# from `auto.keep` (the automatic decision) replaces it and re-runs the step. Contact sheet: {sheet}
 """
 
 
@@ -49,6 +60,15 @@ class Manifest:
     source_key: str | None
     count: int | None
     candidates: list[Candidate]
+    # automatic selection (`by: clip`): {"by": "clip", "keep": [sorted digests], ...}; None for manual reviews
+    auto: dict[str, Any] | None = None
+
+    @property
+    def auto_keep(self) -> list[str] | None:
+        """The sorted digests the automatic selection kept, or None if no automatic selection wrote this."""
+        if not self.auto or not isinstance(self.auto.get("keep"), list):
+            return None
+        return sorted(str(d) for d in self.auto["keep"])
 
     def kept(self) -> list[Candidate]:
         return [c for c in self.candidates if c.keep]
@@ -93,9 +113,12 @@ def read_manifest(path: Path) -> Manifest | None:
     if not isinstance(data, dict) or not isinstance(data.get("candidates"), list):
         raise _fail(path, "expected a mapping with a `candidates` list")
     cands = [_candidate(path, i, c) for i, c in enumerate(data["candidates"])]
+    auto = data.get("auto")
+    if auto is not None and not isinstance(auto, dict):
+        raise _fail(path, "`auto` should be a mapping")
     return Manifest(path=path, spec=str(data.get("spec", "")), step=str(data.get("step", "")),
                     source=str(data.get("source", "")), source_key=data.get("source_key"),
-                    count=data.get("count"), candidates=cands)
+                    count=data.get("count"), candidates=cands, auto=auto)
 
 
 def _candidate(path: Path, i: int, raw: Any) -> Candidate:
@@ -116,10 +139,13 @@ def write_manifest(m: Manifest) -> None:
     """Write atomically, with a header telling the person what to do."""
     m.path.parent.mkdir(parents=True, exist_ok=True)
     count_note = f" (exactly {m.count})" if m.count else ""
-    head = HEADER.format(step=m.step, spec=m.spec, count_note=count_note, sheet=sheet_path(m.path).name)
+    header = HEADER if m.auto is None else AUTO_HEADER
+    head = header.format(step=m.step, spec=m.spec, count_note=count_note, sheet=sheet_path(m.path).name)
     body = {"version": MANIFEST_VERSION, "spec": m.spec, "step": m.step, "source": m.source,
-            "source_key": m.source_key, "count": m.count,
-            "candidates": [c.to_yaml() for c in m.candidates]}
+            "source_key": m.source_key, "count": m.count}
+    if m.auto is not None:
+        body["auto"] = m.auto
+    body["candidates"] = [c.to_yaml() for c in m.candidates]
     text = head + yaml.safe_dump(body, sort_keys=False, allow_unicode=True, width=120)
     atomic_write_text(m.path, text)
 
@@ -131,14 +157,21 @@ def write_contact_sheet(m: Manifest) -> Path:
         border = "4px solid #2a2" if c.keep else "4px solid transparent"
         cap = html.escape(f"{c.id} · seed {c.meta.get('seed', '?')}")
         prompt = html.escape(str(c.meta.get("prompt", "")))
+        scores = c.meta.get("scores")
+        if isinstance(scores, dict):  # automatic selection: its scores and why
+            shown = " · ".join(f"{k} {scores[k]}" for k in ("score", "text", "identity") if scores.get(k) is not None)
+            prompt += f"<br><small>{html.escape(shown)}<br>{html.escape(str(scores.get('why', '')))}</small>"
         cells.append(f'<figure style="margin:6px;width:200px"><img src="{html.escape(c.image)}" '
                      f'style="width:192px;image-rendering:pixelated;border:{border}"><figcaption>'
                      f'<b>{cap}</b><br><small>{prompt}</small></figcaption></figure>')
     page = (f"<!doctype html><meta charset=utf-8><title>review {html.escape(m.spec)}/{html.escape(m.step)}</title>"
             f"<body style='font-family:sans-serif'><h1>Review `{html.escape(m.step)}` of `{html.escape(m.spec)}`</h1>"
-            f"<p>Mark <code>keep: true</code> in <code>{html.escape(m.path.name)}</code>"
-            f"{' for exactly ' + str(m.count) if m.count else ''}, then re-run <code>caspec run</code>.</p>"
-            f"<div style='display:flex;flex-wrap:wrap'>{''.join(cells)}</div></body>")
+            + (f"<p>Decided by CLIP (kept ones outlined); change <code>keep</code> in "
+               f"<code>{html.escape(m.path.name)}</code> to override, then re-run <code>caspec run</code>.</p>"
+               if m.auto is not None else
+               f"<p>Mark <code>keep: true</code> in <code>{html.escape(m.path.name)}</code>"
+               f"{' for exactly ' + str(m.count) if m.count else ''}, then re-run <code>caspec run</code>.</p>")
+            + f"<div style='display:flex;flex-wrap:wrap'>{''.join(cells)}</div></body>")
     out = sheet_path(m.path)
     atomic_write_text(out, page)
     return out

@@ -1074,10 +1074,17 @@ def _check_export_eval(spec: Spec, src: _Source, spec_dir: Path) -> list[Problem
             if ref not in spec.compose:
                 hint = _did_you_mean(ref, list(spec.compose)) or f"compose steps: {_ticks(list(spec.compose)) or 'none'}"
                 problems.append(src.problem(("eval", sid, "from", i), f"`{ref}` is not a `compose` step", hint))
-        if step.clip.checkpoint is not None and not (spec_dir / step.clip.checkpoint).is_file():
-            problems.append(src.problem(("eval", sid, "clip", "checkpoint"), f"no file `{step.clip.checkpoint}`",
-                                        "the checkpoint path is relative to the spec file"))
+        problems += _check_checkpoint(src, ("eval", sid, "clip", "checkpoint"), step.clip.checkpoint, spec_dir)
+    for sid, step in spec.select.items():
+        if step.clip is not None:
+            problems += _check_checkpoint(src, ("select", sid, "clip", "checkpoint"), step.clip.checkpoint, spec_dir)
     return problems
+
+
+def _check_checkpoint(src: _Source, path: tuple, checkpoint: str | None, spec_dir: Path) -> list[Problem]:
+    if checkpoint is None or (spec_dir / checkpoint).is_file():
+        return []
+    return [src.problem(path, f"no file `{checkpoint}`", "the checkpoint path is relative to the spec file")]
 
 
 def _a(word: str) -> str:
