@@ -151,11 +151,9 @@ def _check_spec(spec: ClipSpec) -> None:
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    from ..store.hashing import sha256_file
+
+    return sha256_file(path)
 
 
 _RACY_NS = 2_000_000_000  # a file changed this recently may change again within one mtime tick

@@ -16,7 +16,6 @@ local_files_only=True)``, the same path for ``tiny`` (its cache folder) and for 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -183,11 +182,9 @@ def _file_digests(folder: Path) -> dict[str, str]:
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    from ..store.hashing import sha256_file
+
+    return sha256_file(path)
 
 
 def _read_digests(cache_file: Path) -> dict[str, Any]:
