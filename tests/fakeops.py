@@ -58,10 +58,11 @@ class FakeEdit(Op):
 
 
 @contextmanager
-def fake_ops():
+def fake_ops(root=None, edit=None):
+    """Install fake `root`/`edit` ops (defaults: FakeRoot/FakeEdit) for the duration of the block."""
     saved = dict(ops._cache)
-    ops._cache["root"] = FakeRoot()
-    ops._cache["edit"] = FakeEdit()
+    ops._cache["root"] = root or FakeRoot()
+    ops._cache["edit"] = edit or FakeEdit()
     try:
         yield
     finally:

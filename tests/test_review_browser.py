@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-import caspec.ops as ops
 from caspec.exec.runner import run
 from caspec.ops.base import Op, image_entry
 from caspec.plan.graph import make_plan
@@ -132,8 +131,7 @@ class PngEdit(Op):
 
 @pytest.fixture
 def gallery(tmp_path):
-    with fake_ops():
-        ops._cache["root"], ops._cache["edit"] = PngRoot(), PngEdit()
+    with fake_ops(PngRoot(), PngEdit()):
         path = tmp_path / "gallery.yaml"
         path.write_text(textwrap.dedent(SPEC))
         loaded, store = load_spec(path), LocalStore(tmp_path / ".caspec")

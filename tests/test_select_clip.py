@@ -9,7 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
-import caspec.ops as ops
+from fakeops import fake_ops
 from caspec.exec.runner import run
 from caspec.ops.base import Op, image_entry
 from caspec.ops.select_clip import SCORE_FORMULA, Settings, decide, score_of
@@ -133,13 +133,8 @@ class PngEdit(Op):
 
 @pytest.fixture()
 def png_ops():
-    saved = dict(ops._cache)
-    ops._cache["root"], ops._cache["edit"] = PngRoot(), PngEdit()
-    try:
+    with fake_ops(PngRoot(), PngEdit()):
         yield
-    finally:
-        ops._cache.clear()
-        ops._cache.update(saved)
 
 
 SPEC = """
