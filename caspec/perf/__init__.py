@@ -1,0 +1,1 @@
+"""Performance measurement of caspec (benchmarks that run inside the package; see ``gpu_bench``)."""
