@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.caspec-installed
 
-.PHONY: setup demo test bench schema clean
+.PHONY: setup demo review-demo toyworld test bench schema clean
 
 setup: $(STAMP)
 
@@ -15,12 +15,24 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# The main job on the embedded model: generate -> SDEdit -> pause for review -> approve -> go on.
+# The main job on the embedded `toy` model (trained on the shapes world): root -> SDEdit -> CLIP selection ->
+# two-phase concept training (reduced steps) -> compose -> eval; then where to look.
 demo: setup
+	$(BIN)/caspec run specs/toy-demo.yaml
+	$(BIN)/caspec eval specs/toy-demo.yaml
+	@echo "images: specs/out/toy-demo/*/index.html   eval plot: specs/out/toy-demo/quality/plot.png" >&2
+
+# The review workflow on `tiny` (random weights): pause at a review gate, approve, resume.
+review-demo: setup
 	rc=0; $(BIN)/caspec run specs/demo.yaml || rc=$$?; test $$rc -eq 3 -o $$rc -eq 0  # 3: paused for review
 	$(BIN)/caspec review specs/demo.yaml --step picks --keep s0-p0-c0 s0-p1-c1
 	$(BIN)/caspec run specs/demo.yaml
 	$(BIN)/caspec plan specs/demo.yaml
+
+# Retrain the toy models from scratch into the package (deterministic; about 45 min on 2 CPU cores).
+toyworld: setup
+	$(BIN)/caspec toyworld train --out caspec/toyworld/weights
+	$(BIN)/caspec toyworld measure
 
 test: setup
 	scripts/ensure-browser   # Debian chromium for the review-gallery browser test (skipped if it cannot be had)

@@ -351,5 +351,80 @@ def eval_cmd(spec: str, store: str | None) -> int:
     return summary.exit_code
 
 
+@main.group()
+def toyworld() -> None:
+    """The shapes world: train and measure the embedded `toy` model and CLIP."""
+
+
+@toyworld.command("train")
+@click.option("--out", default="toyworld-weights", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the weights and logs (`make toyworld` writes caspec/toyworld/weights).")
+@click.option("--what", type=click.Choice(["all", "diffusion", "clip"]), default="all", show_default=True,
+              help="Train the diffusion pipeline, the CLIP, or both.")
+@click.option("--quick", is_flag=True, help="A few steps on a few images: checks the scripts run (seconds).")
+@click.option("--seed", type=int, default=None, help="Override the training seeds' base.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a training setting, e.g. `unet_steps=8000` or `clip.steps=2000`. Repeatable.")
+@_guard
+def toyworld_train(out: str, what: str, quick: bool, seed: int | None, overrides: tuple[str, ...]) -> int:
+    """Train the toy models from scratch, deterministically (about 45 min on 2 CPU cores)."""
+    from .models import quiet_libraries
+    from .toyworld.train import ToyTrainConfig, train_toy
+    from .toyworld.train_clip import ToyClipConfig, train_clip
+
+    quiet_libraries()
+    cfg, clip_cfg = ToyTrainConfig(), ToyClipConfig()
+    if quick:
+        cfg = ToyTrainConfig(n_images=64, vae_steps=3, vae_batch=8, unet_steps=3, unet_batch=8, warmup=2, log_every=1)
+        clip_cfg = ToyClipConfig(n_images=64, steps=3, batch=16, warmup=2, log_every=1)
+    if seed is not None:
+        cfg.seed, clip_cfg.seed = seed, seed + 1
+    for kv in overrides:
+        key, sep, value = kv.partition("=")
+        target = clip_cfg if key.startswith("clip.") else cfg
+        name = key.removeprefix("clip.")
+        if not sep or not hasattr(target, name):
+            raise UsageError(f"--set {kv}: unknown setting `{key}`",
+                             hint="settings: " + ", ".join(vars(cfg)) + "; clip." + ", clip.".join(vars(clip_cfg)))
+        try:
+            setattr(target, name, type(getattr(target, name))(value))
+        except ValueError:
+            raise UsageError(f"--set {kv}: `{value}` is not a valid {type(getattr(target, name)).__name__}") from None
+    echo = _err
+    if what in ("all", "diffusion"):
+        train_toy(Path(out), cfg, echo=echo)
+    if what in ("all", "clip"):
+        train_clip(Path(out), clip_cfg, echo=echo)
+    click.echo(os.path.relpath(out))
+    return 0
+
+
+@toyworld.command("measure")
+@click.option("--weights", type=click.Path(file_okay=False, exists=True), default=None,
+              help="A weights folder from `caspec toyworld train` (default: the shipped `toy`).")
+@click.option("--seeds", default=4, show_default=True, help="Images per colour x shape prompt.")
+@click.option("--sources", default=40, show_default=True, help="Rendered scenes edited per attribute.")
+@click.option("--steps", default=50, show_default=True, help="DDIM steps.")
+@click.option("--sheet", type=click.Path(dir_okay=False), default=None, help="Also save a PNG contact sheet.")
+@_guard
+def toyworld_measure(weights: str | None, seeds: int, sources: int, steps: int, sheet: str | None) -> int:
+    """Measure the toy model with the exact attribute reader; print JSON (issue 6's first targets)."""
+    from .models import quiet_libraries
+    from .toyworld.measure import base_accuracy, contact_sheet, sdedit_fidelity, toy_pipe
+
+    quiet_libraries()
+    pipe = toy_pipe(Path(weights) if weights else None)
+    base = base_accuracy(pipe, seeds=seeds, steps=steps)
+    edits = {a: sdedit_fidelity(pipe, attribute=a, n=sources, steps=steps) for a in ("color", "shape")}
+    if sheet:
+        contact_sheet(base["images"] + edits["color"]["sources"][::2] + edits["color"]["images"],
+                      columns=20).save(sheet)
+    drop = ("rows", "images", "sources")
+    result = {"base": {k: v for k, v in base.items() if k not in drop},
+              "sdedit": {a: {k: v for k, v in r.items() if k not in drop} for a, r in edits.items()}}
+    click.echo(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

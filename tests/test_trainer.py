@@ -296,3 +296,21 @@ def test_training_options_run(tmp_path, options):
     assert previews == want
     assert not pipe.unet.training and not any(p.requires_grad for p in pipe.unet.parameters())
     fmt.load_asset(out)
+
+
+def test_lora_only_keeps_embeddings_at_their_init(tmp_path):
+    """`phase1_steps: 0` + `phase2_embeddings: false` (the LoRA-only ablation): the new rows stay copies
+    of their init words while the LoRA weights train."""
+    cfg = TrainConfig(phase1_steps=0, phase2_steps=4, phase2_embeddings=False, checkpoint_every=0, seed=7)
+    pipe, out, _ = run(tmp_path, "lora-only", cfg)
+    table = pipe.text_encoder.get_input_embeddings().weight.detach()
+    init_ids = [pipe.tokenizer(w.init_word, add_special_tokens=False).input_ids[0] for w in WORDS]
+    new_ids = pipe.tokenizer.convert_tokens_to_ids([w.token for w in WORDS])
+    for i, j in zip(new_ids, init_ids):
+        assert torch.equal(table[i], table[j])
+    flat = fmt._read_safetensors(out / "lora.safetensors")[0]
+    assert all(flat[k].abs().sum() > 0 for k in flat if "lora_B" in k)
+    # the default trains the embeddings in phase 2 too
+    pipe2, _, _ = run(tmp_path, "both", TrainConfig(phase1_steps=0, phase2_steps=4, checkpoint_every=0, seed=7))
+    table2 = pipe2.text_encoder.get_input_embeddings().weight.detach()
+    assert not torch.equal(table2[new_ids[0]], table2[init_ids[0]])

@@ -37,6 +37,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 TINY_CLIP = "caspec-tiny-clip"
+TOY_CLIP = "caspec-toy-clip"
+TOY_CLIP_WEIGHTS = Path(__file__).resolve().parent.parent / "toyworld" / "weights" / "clip.safetensors"
 INIT_SEED = 20240521  # random-init weights: the same spec gives the same model, run after run
 DEFAULT_BATCH_SIZE = 32
 _SCHEMAS = ("hf-hub:", "local-dir:")
@@ -130,7 +132,20 @@ def _model_config(model: str) -> dict[str, Any]:
 # identity
 
 
+def _shipped_weights(spec: ClipSpec) -> Path | None:
+    """The weights caspec ships for ``spec`` (the toy CLIP), used when no tag or checkpoint is given."""
+    if spec.model == TOY_CLIP and not spec.pretrained and not spec.checkpoint:
+        return TOY_CLIP_WEIGHTS
+    return None
+
+
 def _checkpoint_path(spec: ClipSpec) -> Path:
+    shipped = _shipped_weights(spec)
+    if shipped is not None:
+        if not shipped.is_file():
+            raise ModelError(f"the toy CLIP's weights are missing ({shipped})",
+                             hint="reinstall caspec, or train them with `caspec toyworld train`")
+        return shipped
     assert spec.checkpoint is not None
     path = Path(spec.checkpoint).expanduser()
     if not path.is_file():
@@ -201,10 +216,11 @@ def clip_identity(spec: ClipSpec) -> dict[str, Any]:
         "model": spec.model,
         "config_sha256": hashlib.sha256(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()).hexdigest(),
         "pretrained": spec.pretrained or None,
-        "checkpoint_sha256": _checkpoint_sha256(_checkpoint_path(spec)) if spec.checkpoint else None,
+        "checkpoint_sha256": (_checkpoint_sha256(_checkpoint_path(spec))
+                              if spec.checkpoint or _shipped_weights(spec) else None),
         "open_clip": _open_clip_version(),
     }
-    if not spec.pretrained and not spec.checkpoint:
+    if not spec.pretrained and not spec.checkpoint and not _shipped_weights(spec):
         ident["init_seed"] = INIT_SEED
     return ident
 
@@ -303,7 +319,7 @@ def load_clip(spec: ClipSpec, device: str = "cpu") -> Clip:
     """
     _check_spec(spec)
     stamp: tuple[Any, ...] = ()
-    if spec.checkpoint:
+    if spec.checkpoint or _shipped_weights(spec):
         st = _checkpoint_path(spec).stat()
         stamp = (st.st_size, st.st_mtime_ns)
     key = (spec, str(device), stamp)
@@ -374,7 +390,7 @@ def _load(spec: ClipSpec, device: str) -> Clip:
         raise ModelError(f"cannot build CLIP model `{spec.model}`: {_first_line(exc)}",
                          hint=_checkpoint_hint(spec.model)) from exc
 
-    if spec.checkpoint:
+    if spec.checkpoint or _shipped_weights(spec):
         path = _checkpoint_path(spec)
         try:
             oc.load_checkpoint(model, str(path), strict=True, weights_only=True, device="cpu")
@@ -397,5 +413,5 @@ def _load(spec: ClipSpec, device: str) -> Clip:
 
 __all__ = [
     "ClipSpec", "Clip", "load_clip", "clear_clip_cache", "clip_identity", "register_configs",
-    "TINY_CLIP", "INIT_SEED", "CONFIG_DIR",
+    "TINY_CLIP", "TOY_CLIP", "INIT_SEED", "CONFIG_DIR",
 ]

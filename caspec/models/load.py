@@ -2,7 +2,8 @@
 
 A model is one of:
 
-* ``tiny``: the embedded model built from fixed seeds (:mod:`caspec.models.tiny`);
+* ``tiny``: the embedded model built from fixed seeds (:mod:`caspec.models.tiny`), random weights;
+* ``toy``: the embedded model trained on the shapes world, shipped in the package (:mod:`caspec.models.toy`);
 * a local diffusers folder (absolute, or relative to the spec file), recognised by ``model_index.json``;
 * a Hugging Face hub id, resolved offline from the local hub cache to a pinned commit.
 
@@ -28,6 +29,9 @@ from typing import Any
 from ..errors import ModelError
 from ..spec.models import ModelSpec
 from .tiny import TINY_RESOLUTION, cache_root, ensure_tiny, tiny_identity
+from .toy import TOY_RESOLUTION, ensure_toy, toy_identity
+
+EMBEDDED = ("tiny", "toy")
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.json", "*.txt")
 DIGESTS_FILE = "digests.json"
@@ -133,8 +137,8 @@ def _resolve_hub(repo: str, revision: str | None) -> ModelLocation:
 def locate_model(model: ModelSpec, spec_dir: Path) -> ModelLocation:
     """Where ``model``'s weights are, without loading or building anything."""
     base = model.base
-    if base == "tiny":
-        return ModelLocation("tiny", None)
+    if base in EMBEDDED:
+        return ModelLocation(base, None)
     path = Path(base).expanduser()
     if not path.is_absolute():
         path = Path(spec_dir) / path
@@ -149,8 +153,8 @@ def locate_model(model: ModelSpec, spec_dir: Path) -> ModelLocation:
     if _HUB_ID.match(base):
         return _resolve_hub(base, model.revision)
     raise ModelError(
-        f"model `{base}` is neither `tiny`, an existing folder (looked for {path}), nor a hub id (`org/name`)",
-        hint="use `tiny`, a diffusers folder relative to the spec file, or a hub id already in the local cache",
+        f"model `{base}` is neither `tiny`/`toy`, an existing folder (looked for {path}), nor a hub id (`org/name`)",
+        hint="use `toy` (trained shapes world) or `tiny` (random), a diffusers folder relative to the spec file, or a hub id already in the local cache",
     )
 
 
@@ -222,6 +226,8 @@ def model_identity(model: ModelSpec, spec_dir: Path) -> dict[str, Any]:
     dtype = resolve_dtype(model)
     if loc.kind == "tiny":
         return {"kind": "tiny", **tiny_identity(), "dtype": dtype}
+    if loc.kind == "toy":
+        return {"kind": "toy", **toy_identity(), "dtype": dtype}
     if loc.kind == "hub":
         return {"kind": "hub", "repo": loc.repo, "commit": loc.commit, "dtype": dtype}
     assert loc.folder is not None
@@ -233,6 +239,8 @@ def native_resolution(model: ModelSpec, spec_dir: Path) -> int:
     loc = locate_model(model, spec_dir)
     if loc.kind == "tiny":
         return TINY_RESOLUTION
+    if loc.kind == "toy":
+        return TOY_RESOLUTION
     assert loc.folder is not None
     try:
         unet = json.loads((loc.folder / "unet" / "config.json").read_text(encoding="utf-8"))
@@ -315,9 +323,11 @@ def _load(model: ModelSpec, spec_dir: Path, identity: dict[str, Any], device_nam
     loc = locate_model(model, spec_dir)
     name = model.base
     try:
-        folder = ensure_tiny() if loc.kind == "tiny" else loc.folder
+        folder = ensure_tiny() if loc.kind == "tiny" else ensure_toy() if loc.kind == "toy" else loc.folder
+    except ModelError:
+        raise
     except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"cannot build the embedded `tiny` model: {type(exc).__name__}: {exc}",
+        raise ModelError(f"cannot build the embedded `{loc.kind}` model: {type(exc).__name__}: {exc}",
                          hint=f"check that the cache folder {cache_root()} is writable (or set CASPEC_CACHE)") from None
     assert folder is not None
     try:

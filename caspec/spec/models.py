@@ -27,7 +27,7 @@ class _Model(BaseModel):
 class ModelSpec(_Model):
     """Which diffusion model runs the steps: ``tiny`` (embedded), a local diffusers folder, or a hub id."""
 
-    base: str = Field("tiny", min_length=1, description="`tiny`, a local diffusers folder, or a hub id such as `stable-diffusion-v1-5/stable-diffusion-v1-5`.")
+    base: str = Field("tiny", min_length=1, description="`toy` (embedded, trained on the shapes world), `tiny` (embedded, random weights), a local diffusers folder, or a hub id such as `stable-diffusion-v1-5/stable-diffusion-v1-5`.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit). Resolved to a commit from the local cache so the cache key never follows a moving name.")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="Weight dtype: `auto` is fp16 on CUDA and fp32 on CPU; the VAE always runs in fp32.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run: `auto` picks CUDA when available.")
@@ -98,10 +98,13 @@ class EditStep(Sampling):
         return [value] if isinstance(value, int) else value
 
 
+TOY_CLIP_MODEL = "caspec-toy-clip"
+
+
 class ClipSelect(_Model):
     """Automatic selection by CLIP scores, standing in for the person (for CI and batch production)."""
 
-    model: str = Field("ViT-B-32", min_length=1, description="open_clip model name (`caspec-tiny-clip` for offline tests).")
+    model: str = Field("ViT-B-32", min_length=1, description="open_clip model name; default `ViT-B-32`, or `caspec-toy-clip` (shipped, trained on the shapes world) when the spec's model is `toy` (`caspec-tiny-clip`: random weights, for offline tests).")
     pretrained: str | None = Field(None, description="open_clip pretrained tag (its weights must be in the local cache).")
     checkpoint: str | None = Field(None, description="Local CLIP checkpoint file, relative to the spec (hashed into the key).")
     min_text: float | None = Field(None, ge=-1, le=1, description="Keep only candidates whose CLIP text-image similarity to their own prompt is at least this (does the edit show?).")
@@ -150,6 +153,7 @@ class TrainSettings(_Model):
 
     phase1_steps: int = Field(1000, ge=0, le=100_000, description="Steps training only the new embeddings.")
     phase2_steps: int = Field(1000, ge=0, le=100_000, description="Steps training embeddings jointly with LoRA.")
+    phase2_embeddings: bool = Field(True, description="Keep training the embeddings in phase 2 (the paper); false trains only LoRA there (an ablation: with `phase1_steps: 0`, LoRA alone).")
     lr_embeddings: float = Field(5e-3, gt=0, le=1)
     lr_lora_unet: float = Field(1e-4, gt=0, le=1)
     lr_lora_text: float = Field(5e-5, gt=0, le=1)
@@ -220,7 +224,7 @@ class ClipModel(_Model):
     """The CLIP model used for metrics: an open_clip model name with a pretrained tag or a local checkpoint
     (offline, neither: random weights from the config, for tests only)."""
 
-    model: str = Field("ViT-B-32", min_length=1)
+    model: str = Field("ViT-B-32", min_length=1, description="open_clip model name; default `ViT-B-32`, or `caspec-toy-clip` (shipped, trained on the shapes world) when the spec's model is `toy`.")
     pretrained: str | None = Field(None, description="open_clip pretrained tag (its weights must be in the local cache).")
     checkpoint: str | None = Field(None, description="Path of a local checkpoint file, relative to the spec (hashed into the key).")
 
@@ -271,6 +275,33 @@ class Spec(_Model):
     compose: dict[StepId, ComposeStep] = Field(default_factory=dict, description="Images from prompts mixing concept assets.")
     export: dict[StepId, ExportStep] = Field(default_factory=dict, description="Concept assets in other tools' formats.")
     eval: dict[StepId, EvalStep] = Field(default_factory=dict, description="The paper's CLIP metrics over compose outputs.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _toy_clip_default(cls, data: Any) -> Any:
+        """With `model: toy`, CLIP settings that name no model mean the toy CLIP trained on the same world."""
+        if not isinstance(data, dict):
+            return data
+        model = data.get("model")
+        base = model.get("base") if isinstance(model, dict) else model
+        if base != "toy":
+            return data
+        data = dict(data)
+        for section in ("select", "eval"):
+            steps = data.get(section)
+            if not isinstance(steps, dict):
+                continue
+            steps = dict(steps)
+            for sid, step in steps.items():
+                if not isinstance(step, dict) or (section == "select" and step.get("by") != "clip"):
+                    continue
+                clip = step.get("clip")
+                if clip is None:
+                    clip = {}
+                if isinstance(clip, dict) and "model" not in clip:
+                    steps[sid] = {**step, "clip": {**clip, "model": TOY_CLIP_MODEL}}
+            data[section] = steps
+        return data
 
     def steps(self) -> Iterator[tuple[str, str, _Model]]:
         """Yield ``(section, step_id, step)`` for every step, in file order within each section."""

@@ -48,6 +48,7 @@ class TrainConfig:
 
     phase1_steps: int = 1000  # embeddings only (multi-token textual inversion)
     phase2_steps: int = 1000  # embeddings + LoRA on text encoder and UNet
+    phase2_embeddings: bool = True  # False: phase 2 trains LoRA only (ablation)
     lr_embeddings: float = 5e-3
     lr_lora_unet: float = 1e-4
     lr_lora_text: float = 5e-5

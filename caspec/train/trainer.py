@@ -285,6 +285,8 @@ class _Trainer:
     def _optimizer(self, phase: int) -> torch.optim.Optimizer:
         cfg = self.cfg
         groups = [{"params": [self.new_emb], "lr": cfg.lr_embeddings}]
+        if phase == 2 and not cfg.phase2_embeddings:
+            groups = []
         if phase == 2:
             unet_p, text_p = self._lora_params(self.pipe.unet), self._lora_params(self.pipe.text_encoder)
             if not unet_p or not text_p:
@@ -351,6 +353,7 @@ class _Trainer:
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)
+        self.new_emb.grad = None  # not in the optimizer when phase 2 trains LoRA only
         return total / ga
 
     # ------------------------------------------------------------------ checkpoints
