@@ -107,7 +107,8 @@ def test_review_without_step_serves_the_gallery(tmp_path):
         select: {pick: {from: robot}}
     """)
     proc = subprocess.Popen([sys.executable, "-m", "caspec", "review", path, "--port", "0"], stderr=subprocess.PIPE,
-                            text=True, env=os.environ.copy())
+                            text=True, env=os.environ.copy(),  # Ctrl-C must work even in a background job
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         url = None
         for line in proc.stderr:

@@ -18,11 +18,18 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def default_sigint() -> None:
+    """Ctrl-C must reach the child even when the tests run as a background job (a shell starts those with
+    SIGINT ignored, and Python then keeps ignoring it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(tmp: Path) -> tuple[subprocess.Popen, Path]:
     spec = tmp / "demo.yaml"
     shutil.copy(ROOT / "specs" / "demo.yaml", spec)
     proc = subprocess.Popen([sys.executable, "-m", "caspec", "run", str(spec)], cwd=tmp,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+                            preexec_fn=default_sigint)
     marker = tmp / "out" / "demo" / "robot" / ".caspec-key"
     deadline = time.monotonic() + 240
     while not marker.exists():  # the root step has finished and been laid out; the edit step is running
