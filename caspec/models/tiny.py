@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 TINY_VERSION = 1
 """Bump whenever anything below changes the built weights, configs or tokenizer."""
@@ -141,25 +141,21 @@ def _is_complete(folder: Path) -> bool:
     return stored == json.loads(json.dumps(tiny_identity()))
 
 
-def ensure_tiny() -> Path:
-    """Build the tiny model once into the user cache and return its diffusers folder.
-
-    The build happens in a temporary folder beside the target and is moved into place with
-    ``os.replace``; a file lock keeps two processes from building at once. A folder that is
-    incomplete, or was built by another stack (see :func:`tiny_identity`), is rebuilt.
-    """
+def build_atomically(target: Path, is_complete: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:
+    """Build a model folder once: ``build(tmp)`` in a temporary folder beside ``target``, then moved into
+    place with ``os.replace``; a file lock keeps two processes from building at once. A ``target`` that
+    is not ``is_complete`` (half-written, or built by another stack) is rebuilt."""
     from filelock import FileLock
 
-    target = tiny_dir()
-    if _is_complete(target):
+    if is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target.parent / f".{target.name}.lock")):
-        if _is_complete(target):  # another process built it while we waited
+        if is_complete(target):  # another process built it while we waited
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-", dir=target.parent))
         try:
-            build_tiny(tmp)
+            build(tmp)
             if target.exists():  # stale or half-written: move aside, then drop
                 stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
                 os.replace(target, stale / "old")
@@ -169,6 +165,11 @@ def ensure_tiny() -> Path:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def ensure_tiny() -> Path:
+    """Build the tiny model once into the user cache (see :func:`build_atomically`) and return its folder."""
+    return build_atomically(tiny_dir(), _is_complete, build_tiny)
 
 
 # ---------------------------------------------------------------------------------------------

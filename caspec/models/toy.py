@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..store.hashing import sha256_file
-from .tiny import TOKENIZER_MAX_LENGTH, _version, cache_root, write_clip_vocab
+from .tiny import TOKENIZER_MAX_LENGTH, _version, build_atomically, cache_root, write_clip_vocab
 
 TOY_VERSION = 1
 TOY_RESOLUTION = 32
@@ -148,30 +146,14 @@ def _is_complete(folder: Path, identity: dict[str, Any]) -> bool:
 
 
 def ensure_toy() -> Path:
-    """Assemble the toy diffusers folder in the user cache once (atomically, under a lock); return it."""
-    from filelock import FileLock
-
+    """Assemble the toy diffusers folder in the user cache once (see ``build_atomically``); return it."""
     identity = toy_identity()
-    target = toy_dir(identity)
-    if _is_complete(target, identity):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target.parent / f".{target.name}.lock")):
-        if _is_complete(target, identity):
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-", dir=target.parent))
-        try:
-            build_toy_folder(tmp, WEIGHTS_DIR)
-            (tmp / IDENTITY_FILE).write_text(json.dumps(identity, indent=1, sort_keys=True), encoding="utf-8")
-            if target.exists():
-                stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
-                os.replace(target, stale / "old")
-                shutil.rmtree(stale, ignore_errors=True)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    def build(tmp: Path) -> None:
+        build_toy_folder(tmp, WEIGHTS_DIR)
+        (tmp / IDENTITY_FILE).write_text(json.dumps(identity, indent=1, sort_keys=True), encoding="utf-8")
+
+    return build_atomically(toy_dir(identity), lambda folder: _is_complete(folder, identity), build)
 
 
 def build_toy_folder(out: Path, weights: Path) -> None:
