@@ -6,7 +6,8 @@ attribute (position for the `spot` concept, hue for the `hue` concept) against t
 for (a) the best plain-text prompt, (b) textual inversion only, (c) LoRA only, (d) caspec's two-phase
 method; plus the paper's CLIP metrics with the toy CLIP, plotted like the paper's Fig. 5.
 
-Usage: python bench/toyworld_concepts.py [--store DIR] [--json PATH] [--plot PATH]
+Usage: python bench/toyworld_concepts.py [--spec PATH] [--store DIR] [--json PATH] [--plot PATH]
+(``--spec``: a variant of the experiment spec with the same step names, e.g. other training settings.)
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from caspec.exec.runner import run
 from caspec.metrics.clip import ClipSpec, load_clip
 from caspec.spec.load import load_spec
 from caspec.store import open_store
-from caspec.toyworld.experiment import METHOD_NAMES, ROOTS, measure, plot, root_image
+from caspec.toyworld.experiment import METHOD_NAMES, ROOTS, WITHIN, measure, plot, root_image
 
 SPEC = Path(__file__).resolve().parent.parent / "specs" / "toy-concepts.yaml"
 
@@ -33,14 +34,16 @@ def table(result: dict) -> str:
         what = "position error (fraction of width)" if concept == "spot" else "hue error (fraction of the hue circle)"
         follow = "new colour shown" if concept == "spot" else "new shape shown"
         lines += [f"**{concept}** ({what}; root: {ROOTS[concept]})", "",
-                  f"| method | mean | sd | median | {follow} | prompt consistency | identity consistency | images |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"| method | mean | sd | median | within {WITHIN[concept]} | {follow} | prompt consistency | "
+                  "identity consistency | images |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for method in ("plain", "ti", "lora", "both"):
             r = result[concept].get(method)
             if r is None:
                 continue
-            e = r["error"] or {"mean": float("nan"), "std": float("nan"), "median": float("nan")}
+            e = r["error"] or {"mean": float("nan"), "std": float("nan"), "median": float("nan"), "within": float("nan")}
             lines.append(f"| {METHOD_NAMES[method]} | {e['mean']:.3f} | {e['std']:.3f} | {e['median']:.3f} | "
+                         f"{e['within']:.0%} | "
                          f"{r['new_word_followed']:.0%} | {r.get('prompt_consistency', float('nan')):.3f} | "
                          f"{r.get('identity_consistency') or float('nan'):.3f} | {r['images']} |")
         lines.append("")
@@ -49,18 +52,20 @@ def table(result: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--store", default=None, help="store directory (default: specs/.caspec)")
+    ap.add_argument("--spec", default=str(SPEC), help="the experiment spec (default: specs/toy-concepts.yaml)")
+    ap.add_argument("--store", default=None, help="store directory (default: .caspec beside the spec)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
+    spec = Path(args.spec)
     for name in ROOTS:  # the committed roots are exactly the renders the experiment describes
         committed = SPEC.parent / "toy-concepts" / f"{name}.png"
         from PIL import Image
 
         with Image.open(committed) as im:
             assert im.convert("RGB").tobytes() == root_image(name).tobytes(), f"{committed} differs from its render"
-    loaded = load_spec(SPEC)
-    store = open_store(Path(args.store) if args.store else SPEC.parent / ".caspec")
+    loaded = load_spec(spec)
+    store = open_store(Path(args.store) if args.store else spec.parent / ".caspec")
     t0 = time.perf_counter()
     summary = run(loaded, store, reporter=RichReporter())
     seconds = time.perf_counter() - t0

@@ -12,11 +12,10 @@ from caspec.toyworld.measure import COLORS, base_accuracy, sdedit_fidelity, toy_
 
 pytestmark = pytest.mark.slow
 
-# Issue 6's targets where this sample reaches them; where it does not, the value it reaches (a miss, in
-# BENCHMARKS.md): on 20 sources x 1 seed the colour edit keeps shape and place in 70% (target 80%).
+# Issue 6's targets (base: colour 90%, shape 80%; SDEdit: edit shown 80%, the other attributes kept 80%).
 BASE_COLOR, BASE_SHAPE = 0.9, 0.8          # measured here: 1.0 and 1.0
-EDIT_SHOWN, EDIT_KEPT = 0.8, 0.7           # measured here: 0.8 and 0.7 (target for kept: 0.8, missed)
-CLIP_COLOR, CLIP_SHAPE = 0.95, 0.95        # measured here: 0.9875 and 0.9625
+EDIT_SHOWN, EDIT_KEPT = 0.8, 0.8           # measured here: colour edits 1.0 / 1.0, shape edits 0.8 / 1.0
+CLIP_COLOR, CLIP_SHAPE = 0.95, 0.95        # measured here: 0.9625 and 1.0
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +30,13 @@ def test_base_model_draws_the_named_colour_and_shape(pipe):
     assert r["shape_accuracy"] >= BASE_SHAPE, r["shape_accuracy"]
 
 
-def test_sdedit_changes_the_colour_and_keeps_shape_and_place(pipe):
-    r = sdedit_fidelity(pipe, attribute="color", n=20, candidates=1, steps=30)
+@pytest.mark.parametrize("attribute", ["color", "shape"])
+def test_sdedit_changes_one_attribute_and_keeps_the_others_and_the_place(pipe, attribute):
+    # 50 DDIM steps as in the paper (at 30, shape edits showed in only 65% of this sample: too few steps
+    # after strength 0.86 to redraw a shape)
+    r = sdedit_fidelity(pipe, attribute=attribute, n=20, candidates=1, steps=50)
     assert r["edit_shown"] >= EDIT_SHOWN, r["edit_shown"]
-    assert r["others_kept"] >= EDIT_KEPT, r["others_kept"]
+    assert r["others_kept"] >= EDIT_KEPT, r["others_kept"]  # the other attribute, and the place within 0.1
 
 
 def test_toy_clip_names_colours_and_shapes_of_renders():

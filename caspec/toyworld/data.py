@@ -1,12 +1,21 @@
 """The toy model's training distribution: which scenes the toy models see, and how they are captioned.
 
-One solid object on a plain grey background at 32x32: five shapes, any hue, vivid saturation and value,
-sizes from a third to three fifths of the image, anywhere inside it, upright (``upright=False``: any
-rotation; the toy VAE is trained on that wider set, the UNet, text encoder and CLIP on upright shapes:
-a model this small averages a square over its rotations into a blob, measured 6% squares recognised).  Captions use the
-coarse words of :func:`caspec.toyworld.render.describe`; during training parts of a caption are dropped
-at random (:func:`training_caption`) so that short prompts ("a red circle") work as well as full ones,
-and an empty caption is the unconditional prompt for classifier-free guidance.
+One solid object with a dark outline (``OUTLINE_PX`` wide, just outside its edges) on a plain grey
+background at 32x32: five shapes, any hue, vivid saturation and value, sizes from a third to three fifths
+of the image, anywhere inside it, upright (``upright=False``: any rotation; the toy VAE is trained on that
+wider set, the UNet, text encoder and CLIP on upright shapes: a model this small averages a square over its
+rotations into a blob, measured 6% squares recognised).  Captions use the coarse words of
+:func:`caspec.toyworld.render.describe`; during training parts of a caption are dropped at random
+(:func:`training_caption`) so that short prompts ("a red circle") work as well as full ones, and an empty
+caption is the unconditional prompt for classifier-free guidance.
+
+Why the outline: in a world of flat colour on grey, the only trace of *where* an object is, is its colour.
+SDEdit to a far hue (red -> cyan) then sees the old object as evidence *against* the new one at that place,
+and the denoiser moves it: with flat shapes the toy kept the position in 100% of colour edits between hues
+less than 0.15 apart but in 27% beyond 0.3.  Real images keep their layout in edges and shading that do
+not change with colour; the outline is that colour-independent trace here.  Measured on the VAE latents
+(whether keeping the place is the nearer explanation of a noisy recoloured object): 61% without outline,
+96% with 1.5 px.
 
 numpy + PIL only, deterministic from a seed.
 """
@@ -21,7 +30,8 @@ SIZE_RANGE = (0.35, 0.6)
 SAT_RANGE = (0.65, 1.0)
 VAL_RANGE = (0.7, 1.0)
 BG_VAL_RANGE = (0.35, 0.6)
-MARGIN_PX = 1.0
+OUTLINE_PX = 1.5  # every object has a dark stroke this wide around its edges (see the module docstring)
+MARGIN_PX = 1.0 + OUTLINE_PX
 
 # probability of dropping each caption part during training
 DROP = {"size": 0.5, "position": 0.5, "background": 0.5, "color": 0.1, "shape": 0.1, "all": 0.1}
@@ -42,6 +52,7 @@ def sample_toy_scene(rng: np.random.Generator, upright: bool = True) -> Scene:
         x=float(rng.uniform(lo, hi)),
         y=float(rng.uniform(lo, hi)),
         rotation=0.0 if upright else float(rng.uniform(0, 360)),
+        outline=OUTLINE_PX,
     )
     return Scene(objects=(obj,), background=(0.0, 0.0, float(rng.uniform(*BG_VAL_RANGE))), size=TOY_SIZE)
 

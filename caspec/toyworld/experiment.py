@@ -15,12 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from .data import OUTLINE_PX
 from .reader import read
 from .render import Obj, Scene, render
 
 BACKGROUND = (0.0, 0.0, 0.5)
-SPOT = Obj("square", hue=0.07, sat=0.9, val=0.95, size=0.45, x=0.30, y=0.62, rotation=0.0)
-HUE = Obj("circle", hue=0.70, sat=0.9, val=0.95, size=0.45, x=0.5, y=0.5, rotation=0.0)
+SPOT = Obj("square", hue=0.07, sat=0.9, val=0.95, size=0.45, x=0.30, y=0.62, rotation=0.0, outline=OUTLINE_PX)
+HUE = Obj("circle", hue=0.70, sat=0.9, val=0.95, size=0.45, x=0.5, y=0.5, rotation=0.0, outline=OUTLINE_PX)
 ROOTS = {"spot": SPOT, "hue": HUE}
 METHODS = ("plain", "ti", "lora", "both")
 METHOD_NAMES = {"plain": "(a) plain prompt", "ti": "(b) textual inversion only", "lora": "(c) LoRA only",
@@ -28,6 +29,8 @@ METHOD_NAMES = {"plain": "(a) plain prompt", "ti": "(b) textual inversion only",
 NEW_COLORS = ("red", "cyan", "yellow")
 NEW_SHAPES = ("triangle", "ring")
 DESCRIBE = {"spot": "square", "hue": "blue"}
+# an output "has" the exact attribute when its error is within this (position: issue 6's 0.1 of the width)
+WITHIN = {"spot": 0.1, "hue": 0.02}
 
 
 def root_image(concept: str):
@@ -77,9 +80,10 @@ def _groups(loaded: Any, store: Any) -> dict[tuple[str, str], list[tuple[Any, st
     return groups
 
 
-def _stats(values: list[float]) -> dict[str, float]:
+def _stats(values: list[float], within: float) -> dict[str, float]:
     a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std()), "median": float(np.median(a)), "n": int(a.size)}
+    return {"mean": float(a.mean()), "std": float(a.std()), "median": float(np.median(a)), "n": int(a.size),
+            "within": float((a <= within).mean()), "tolerance": within}
 
 
 def measure(loaded: Any, store: Any, clip: Any | None = None) -> dict[str, Any]:
@@ -106,7 +110,7 @@ def measure(loaded: Any, store: Any, clip: Any | None = None) -> dict[str, Any]:
                 followed.append(r.shape == want)
         row: dict[str, Any] = {
             "method": METHOD_NAMES[method],
-            "error": _stats(errors) if errors else None,
+            "error": _stats(errors, WITHIN[concept]) if errors else None,
             "error_unit": "distance / image width" if concept == "spot" else "hue distance (1 = full circle)",
             "new_word_followed": float(np.mean(followed)) if followed else 0.0,
             "unreadable": unread,

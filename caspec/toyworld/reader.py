@@ -5,6 +5,8 @@ the background divided by the object's (interior) distance; colour = circular-me
 val of the confidently-inside pixels; position = alpha-weighted centroid (every shape's centroid is its
 centre); shape = best IoU against antialiased templates of each shape at the centroid, over a small
 set of rotations, with the template radius derived from the measured area and that shape's area factor.
+An object with a dark outline (the toy world's) is read by its fill: ``alpha`` is then the fill's
+coverage (:func:`_outlined_fill`).
 """
 from __future__ import annotations
 
@@ -14,11 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .render import AREA_FACTOR, SHAPES, SYMMETRY, color_name, shape_mask
+from .render import AREA_FACTOR, OUTLINE_RGB, SHAPES, SYMMETRY, color_name, shape_mask
 
 MIN_DIST = 0.08          # RGB distance (0..sqrt(3)) below which a pixel counts as background
 N_ROTATIONS = 12         # rotations tried per symmetry period
 TEMPLATE_SUPERSAMPLE = 2
+OUTLINE_DIST = 0.3          # RGB distance from OUTLINE_RGB below which a pixel is outline
+OUTLINE_MIN_FRACTION = 0.05  # objects with at least this share of outline pixels are read as outlined
+FILL_DIST = 0.35            # fill pixels are at least this far from the outline colour
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,28 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.minimum(a, b).sum() / union) if union > 0 else 0.0
 
 
+def _outlined_fill(arr: np.ndarray, bg: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
+    """Coverage of the fill of an object drawn with a dark outline (``Obj.outline``), or None if it has none.
+
+    Each pixel is a mix of background B, outline O and fill F: ``p - B = a_f (F - B) + a_o (O - B)``,
+    solved per pixel by least squares (F = median of the pixels far from both B and O).  The fill's
+    coverage ``a_f`` then plays the part of ``alpha`` for an object without an outline.
+    """
+    outline = np.asarray(OUTLINE_RGB, dtype=np.float32)
+    d_out = np.linalg.norm(arr - outline, axis=-1)
+    if (d_out[mask] < OUTLINE_DIST).mean() < OUTLINE_MIN_FRACTION:
+        return None
+    fill = mask & (d_out > FILL_DIST) & (np.linalg.norm(arr - bg, axis=-1) > 2 * MIN_DIST)
+    if not fill.any():
+        return None
+    F = np.median(arr[fill], axis=0)
+    basis = np.stack([F - bg, outline - bg], axis=1)  # (3, 2)
+    coef, *_ = np.linalg.lstsq(basis, (arr - bg).reshape(-1, 3).T, rcond=None)
+    a_f = np.clip(coef[0].reshape(arr.shape[:2]), 0.0, 1.0)
+    a_f[~mask] = 0.0
+    return a_f
+
+
 def read(image) -> Reading:
     """Read shape, colour, position and size of the single object in ``image`` (PIL image or HxWx3 array)."""
     if isinstance(image, Image.Image):
@@ -68,10 +95,12 @@ def read(image) -> Reading:
     mask = dist > MIN_DIST
     if not mask.any():
         raise ValueError("no object found: image is uniform")
-    # the object's own distance from the background: a high quantile of the distances inside the mask
-    full = float(np.quantile(dist[mask], 0.9))
-    alpha = np.clip(dist / max(full, 1e-6), 0.0, 1.0)
-    alpha[~mask] = 0.0
+    alpha = _outlined_fill(arr, bg, mask)
+    if alpha is None:
+        # the object's own distance from the background: a high quantile of the distances inside the mask
+        full = float(np.quantile(dist[mask], 0.9))
+        alpha = np.clip(dist / max(full, 1e-6), 0.0, 1.0)
+        alpha[~mask] = 0.0
     inside = alpha > 0.9
 
     hsv = _rgb_to_hsv(arr[inside] if inside.any() else arr[mask])

@@ -35,6 +35,8 @@ LOW_SAT = 0.25       # sat below this -> achromatic word
 BLACK_VAL = 0.2      # val below this -> "black"
 WHITE_VAL = 0.8      # achromatic with val above this -> "white"
 
+OUTLINE_RGB = (0.05, 0.05, 0.05)  # colour of an object's outline stroke (``Obj.outline``)
+
 SIZE_WORDS: tuple[tuple[str, float], ...] = (("small", 0.3), ("medium", 0.4), ("large", math.inf))
 
 RING_INNER = 0.55    # inner radius of a ring, as a fraction of its outer radius
@@ -64,6 +66,7 @@ class Obj:
     y: float
     rotation: float = 0.0
     texture: str = "solid"
+    outline: float = 0.0  # width in output pixels of a dark stroke drawn just outside the shape's edges
 
     def __post_init__(self):
         if self.shape not in SHAPES:
@@ -92,8 +95,12 @@ def _polygon(n: int, cx: float, cy: float, r: float, rotation: float, inner: flo
 
 
 def shape_mask(shape: str, cx: float, cy: float, r: float, rotation: float, width: int, height: int | None = None,
-               supersample: int = 4) -> np.ndarray:
-    """Antialiased coverage mask in [0, 1], shape (height, width); cx, cy, r in output pixels."""
+               supersample: int = 4, stroke: float = 0.0) -> np.ndarray:
+    """Antialiased coverage mask in [0, 1], shape (height, width); cx, cy, r in output pixels.
+
+    With ``stroke > 0``: instead of the shape, the coverage of a band of that width (output pixels) just
+    outside its edges (for a ring, outside both of its edges: around it and inside its hole).
+    """
     height = width if height is None else height
     s = supersample
     img = Image.new("L", (width * s, height * s), 0)
@@ -106,17 +113,35 @@ def shape_mask(shape: str, cx: float, cy: float, r: float, rotation: float, widt
         if shape == "ring":
             ri = R * RING_INNER
             d.ellipse([X - ri, Y - ri, X + ri, Y + ri], fill=0)
-    elif shape == "square":
-        d.polygon(_polygon(4, X, Y, R, rotation + 45.0), fill=255)
-    elif shape == "triangle":
-        d.polygon(_polygon(3, X, Y, R, rotation), fill=255)
-    elif shape == "star":
-        d.polygon(_polygon(5, X, Y, R, rotation, inner=STAR_INNER), fill=255)
-    else:  # pragma: no cover - Obj validates
-        raise ValueError(shape)
+    else:
+        pts = _shape_polygon(shape, X, Y, R, rotation)
+        d.polygon(pts, fill=255)
+    if stroke > 0:
+        w = max(1, int(round(stroke * s)))
+        band = Image.new("L", img.size, 0)
+        b = ImageDraw.Draw(band)
+        if shape in ("circle", "ring"):
+            Ro = R + w  # PIL strokes inside the box: the band from R to R + w
+            b.ellipse([X - Ro, Y - Ro, X + Ro, Y + Ro], outline=255, width=w)
+            if shape == "ring":  # and from ri - w to ri, inside the hole
+                ri = R * RING_INNER
+                b.ellipse([X - ri, Y - ri, X + ri, Y + ri], outline=255, width=w)
+        else:  # a line of twice the width centred on the edges, less the shape: the outer half
+            b.line(pts + [pts[0], pts[1]], fill=255, width=2 * w, joint="curve")
+        img = Image.fromarray(np.minimum(np.asarray(band), 255 - np.asarray(img)), "L")
     if s > 1:
         img = img.resize((width, height), Image.BOX)
     return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def _shape_polygon(shape: str, X: float, Y: float, R: float, rotation: float):
+    if shape == "square":
+        return _polygon(4, X, Y, R, rotation + 45.0)
+    if shape == "triangle":
+        return _polygon(3, X, Y, R, rotation)
+    if shape == "star":
+        return _polygon(5, X, Y, R, rotation, inner=STAR_INNER)
+    raise ValueError(shape)  # pragma: no cover - Obj validates
 
 
 def hsv_to_rgb(hsv) -> np.ndarray:
@@ -154,6 +179,10 @@ def render(scene: Scene, supersample: int = 4) -> Image.Image:
         colour = rgb[None, None, :] * (_texture(o, W, s)[..., None] if o.texture != "solid" else 1.0)
         a = alpha[..., None]
         canvas = canvas * (1 - a) + colour * a
+        if o.outline > 0:
+            band = shape_mask(o.shape, o.x * W * s, o.y * W * s, o.size * W * s / 2, o.rotation, n,
+                              supersample=1, stroke=o.outline * s)[..., None]
+            canvas = canvas * (1 - band) + np.asarray(OUTLINE_RGB, dtype=np.float32) * band
     # box-downsample in float (exact average), then quantise once
     canvas = canvas.reshape(W, s, W, s, 3).mean(axis=(1, 3))
     arr = np.clip(np.rint(canvas * 255.0), 0, 255).astype(np.uint8)
