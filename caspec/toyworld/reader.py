@@ -58,18 +58,19 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.minimum(a, b).sum() / union) if union > 0 else 0.0
 
 
-def _outlined_fill(arr: np.ndarray, bg: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
+def _outlined_fill(arr: np.ndarray, bg: np.ndarray, dist: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
     """Coverage of the fill of an object drawn with a dark outline (``Obj.outline``), or None if it has none.
 
     Each pixel is a mix of background B, outline O and fill F: ``p - B = a_f (F - B) + a_o (O - B)``,
     solved per pixel by least squares (F = median of the pixels far from both B and O).  The fill's
-    coverage ``a_f`` then plays the part of ``alpha`` for an object without an outline.
+    coverage ``a_f`` then plays the part of ``alpha`` for an object without an outline.  ``dist``: each
+    pixel's RGB distance from B.
     """
     outline = np.asarray(OUTLINE_RGB, dtype=np.float32)
     d_out = np.linalg.norm(arr - outline, axis=-1)
     if (d_out[mask] < OUTLINE_DIST).mean() < OUTLINE_MIN_FRACTION:
         return None
-    fill = mask & (d_out > FILL_DIST) & (np.linalg.norm(arr - bg, axis=-1) > 2 * MIN_DIST)
+    fill = mask & (d_out > FILL_DIST) & (dist > 2 * MIN_DIST)
     if not fill.any():
         return None
     F = np.median(arr[fill], axis=0)
@@ -95,7 +96,7 @@ def read(image) -> Reading:
     mask = dist > MIN_DIST
     if not mask.any():
         raise ValueError("no object found: image is uniform")
-    alpha = _outlined_fill(arr, bg, mask)
+    alpha = _outlined_fill(arr, bg, dist, mask)
     if alpha is None:
         # the object's own distance from the background: a high quantile of the distances inside the mask
         full = float(np.quantile(dist[mask], 0.9))
