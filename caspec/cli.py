@@ -119,7 +119,11 @@ def _report_run(summary: Any, loaded: Any, dry_run: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (a list of steps).")
 @_guard
 def plan(spec: str, store: str | None, as_json: bool) -> int:
-    """Show each step of SPEC: key, status (cached, run, awaiting-review, blocked) and why."""
+    """Show each step of SPEC: key, status (cached, run, awaiting-review, blocked) and why.
+
+    A key shown as `~abc...` is provisional: the step runs after an upstream step, and its key follows
+    that step's outputs. Cached steps made with other library versions, device or thread count say so.
+    """
     from .plan.graph import make_plan
 
     loaded = _load(spec)
@@ -132,8 +136,10 @@ def plan(spec: str, store: str | None, as_json: bool) -> int:
 
 
 def _print_plan(the_plan: Any) -> None:
+    """The plan as a table. A key starting with `~` is provisional: it depends on outputs of upstream
+    steps that run first (the WHY column says which)."""
     rows = [("STEP", "KIND", "KEY", "STATUS", "WHY")]
-    rows += [(n.id, n.kind, n.short_key, n.status, "; ".join(n.reasons)) for n in the_plan.order()]
+    rows += [(n.id, n.kind, n.short_key, n.status, "; ".join(n.reasons + n.notes)) for n in the_plan.order()]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + ("  " + r[4] if r[4] else ""))

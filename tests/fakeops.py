@@ -57,6 +57,17 @@ class FakeEdit(Op):
         return {"images": images}
 
 
+class NoisyRoot(FakeRoot):
+    """Like FakeRoot, but every run writes other bytes (as CUDA sampling may): a fresh nonce per image."""
+
+    def run(self, ctx):
+        result = super().run(ctx)
+        for img in result["images"]:
+            path = ctx.out_dir / img["file"]
+            path.write_bytes(path.read_bytes() + b"~" + os.urandom(8).hex().encode())
+        return result
+
+
 @contextmanager
 def fake_ops(root=None, edit=None):
     """Install fake `root`/`edit` ops (defaults: FakeRoot/FakeEdit) for the duration of the block."""

@@ -127,3 +127,25 @@ def test_review_without_step_serves_the_gallery(tmp_path):
     assert proc.returncode == 0
     code, _, err = cli("review", path, "--keep", "c000")
     assert code == 2 and "need --step" in err
+
+
+def test_ci_log_step_lines_do_not_wrap(tmp_path, monkeypatch):
+    """stderr not a terminal (CI logs): each step is one line, with its duration, however long the line."""
+    import re
+
+    from fakeops import fake_ops
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    long_root, long_edit = "a-root-step-with-a-rather-long-descriptive-name", "an-edit-step-whose-name-is-longer-still-than-that"
+    path = spec(tmp_path, f"""
+        version: 1
+        roots: {{{long_root}: {{prompt: "x", candidates: 1}}}}
+        edits: {{{long_edit}: {{from: {long_root}, prompts: ["y"], candidates: 1}}}}
+    """)
+    with fake_ops():
+        code, _, err = cli("run", path)
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.startswith("✓")]
+    assert len(lines) == 2 and all(len(line) > 80 for line in lines), err
+    for line, sid, kind in zip(lines, (long_root, long_edit), ("root", "edit")):
+        assert re.fullmatch(rf"✓ {sid} {kind} +ran +[0-9a-f]{{12}}  1 image\(s\) \d+\.\ds", line), line

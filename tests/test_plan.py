@@ -189,7 +189,11 @@ def test_plan_json_cli_and_no_torch_import(tmp_path):
     assert res["torch"] is False  # planning never loads (or even imports) the model stack
     steps = json.loads(res["out"])
     assert [s["id"] for s in steps][0] == "robot"
-    assert {"id", "kind", "key", "status", "reasons"} <= set(steps[0])
+    assert {"id", "kind", "key", "provisional", "status", "reasons", "notes"} <= set(steps[0])
+    by_id = {s["id"]: s for s in steps}
+    assert by_id["robot"]["provisional"] is False  # no upstream: its key is exact
+    assert by_id["colors"]["provisional"] is True and len(by_id["colors"]["key"]) == 64  # robot runs first
+    assert by_id["colors"]["reasons"] == ["never run", "after `robot` runs"]
     assert not (tmp_path / ".caspec").exists()
 
 

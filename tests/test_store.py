@@ -31,13 +31,15 @@ def store(tmp_path: Path) -> LocalStore:
     return LocalStore(tmp_path / "store")
 
 
-def produce(store: LocalStore, key: str, files: dict[str, bytes], result: dict | None = None) -> Record:
+def produce(store: LocalStore, key: str, files: dict[str, bytes], result: dict | None = None,
+            overwrite: bool = False) -> Record:
     """Stage ``files`` and commit them under ``key``."""
     with store.staging(key) as d:
         for rel, data in files.items():
             (d / rel).parent.mkdir(parents=True, exist_ok=True)
             (d / rel).write_bytes(data)
-        return store.commit(key, d, kind="test", material={"files": sorted(files)}, result=result or {}, meta={"m": 1})
+        return store.commit(key, d, kind="test", material={"files": sorted(files)}, result=result or {}, meta={"m": 1},
+                            overwrite=overwrite)
 
 
 def all_files(root: Path) -> list[Path]:
@@ -192,7 +194,7 @@ def test_exception_inside_staging_leaves_nothing(store, exc):
 
 
 def test_crash_before_record_write_leaves_no_record(store, monkeypatch):
-    def crash(path, data):
+    def crash(path, data, **kw):
         raise KeyboardInterrupt("killed between objects and record")
 
     monkeypatch.setattr(store, "_write_record", crash)
@@ -297,7 +299,7 @@ KILLED_BEFORE_RECORD_CHILD = """
     import sys, time
     from caspec.store import LocalStore
     store = LocalStore(sys.argv[1])
-    def stall(path, data):
+    def stall(path, data, **kw):
         print("objects-moved", flush=True)
         time.sleep(120)
     store._write_record = stall
@@ -355,6 +357,91 @@ def test_racing_processes_produce_exactly_once(store, tmp_path):
     record = store.get("racekey")
     assert record.result == {"pid": int(lines[0])}
     assert store.verify(record) == [] and record.file("out.txt").read_text() == "made once"
+
+
+def test_first_commit_wins_and_keeps_its_objects(store):
+    first = produce(store, "k1", {"a": b"first", "b": b"same"}, result={"n": 1})
+    assert first.committed
+    second = produce(store, "k1", {"a": b"second", "b": b"same"}, result={"n": 2})
+    assert not second.committed
+    assert second == first and second.result == {"n": 1}  # the caller gets the winner's record
+    assert store.get("k1").file("a").read_bytes() == b"first"
+    assert {p.name for p in all_files(store.root / "objects")} == {sha256_bytes(b"first"), sha256_bytes(b"same")}
+    assert list((store.root / "tmp").iterdir()) == []  # the loser's staged files went with its staging dir
+    assert store.verify(first) == []
+
+
+def test_overwrite_replaces_the_record(store):
+    produce(store, "k1", {"a": b"first"})
+    forced = produce(store, "k1", {"a": b"forced"}, overwrite=True)
+    assert forced.committed
+    assert store.get("k1") == forced and store.get("k1").file("a").read_bytes() == b"forced"
+
+
+def test_commit_replaces_a_record_with_damaged_objects(store):
+    old = produce(store, "k1", {"a": b"lost"})
+    os.chmod(old.file("a"), 0o644)
+    old.file("a").unlink()
+    new = produce(store, "k1", {"a": b"fresh"})
+    assert new.committed and store.get("k1").file("a").read_bytes() == b"fresh"
+
+
+def test_commit_that_loses_the_create_only_write_returns_the_winner(store, monkeypatch):
+    """Both writers passed the "is there a record?" check: the record's create-only write decides."""
+    winner = produce(store, "k1", {"a": b"winner"})
+    real = LocalStore._intact_record
+    calls = []
+
+    def first_call_misses(self, key):
+        calls.append(key)
+        return None if len(calls) == 1 else real(self, key)
+
+    monkeypatch.setattr(LocalStore, "_intact_record", first_call_misses)
+    loser = produce(store, "k1", {"a": b"loser"})
+    assert len(calls) == 2 and not loser.committed and loser == winner
+    assert store.get("k1").file("a").read_bytes() == b"winner"
+    assert not list((store.root / "actions" / "k1").glob(".*.tmp"))  # no temp file left behind
+
+
+COMMIT_RACE_CHILD = """
+    import json, os, sys, time
+    from caspec.store import LocalStore
+    root, go = sys.argv[1:3]
+    store = LocalStore(root)
+    real, seen = store._intact_record, []
+
+    def skip_first_check(key):  # every writer passes the "no record yet" check, as if all at one instant
+        seen.append(key)
+        return None if len(seen) == 1 else real(key)
+
+    store._intact_record = skip_first_check
+    print("ready", flush=True)
+    while not os.path.exists(go):
+        time.sleep(0.001)
+    with store.staging("racekey") as d:  # no lock: two machines on a shared store
+        (d / "out.txt").write_text(f"made by {os.getpid()}")
+        rec = store.commit("racekey", d, kind="race", material={}, result={"pid": os.getpid()}, meta={})
+    print(json.dumps({"committed": rec.committed, "pid": rec.result["pid"]}), flush=True)
+"""
+
+
+def test_racing_commits_of_one_key_have_one_winner(store, tmp_path):
+    go = tmp_path / "go"
+    procs = [spawn(COMMIT_RACE_CHILD, store.root, go) for _ in range(4)]
+    for proc in procs:
+        assert read_line(proc) == "ready"
+    go.touch()
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    winners = [r for r in results if r["committed"]]
+    assert len(winners) == 1, results
+    assert {r["pid"] for r in results} == {winners[0]["pid"]}  # every loser got the winner's record
+    record = store.get("racekey")
+    assert record.result == {"pid": winners[0]["pid"]} and store.verify(record) == []
+    assert record.file("out.txt").read_text() == f"made by {winners[0]['pid']}"
 
 
 def test_lock_timeout_and_try_lock(store):

@@ -1,7 +1,8 @@
 """Progress and log lines for a run, on stderr: a rich progress bar per step and per image.
 
 The executor talks to a ``Reporter``; ``RichReporter`` draws bars on a terminal and plain lines
-elsewhere (CI logs), ``NullReporter`` stays silent (API use, tests).
+elsewhere (CI logs: never wrapped, so a step's line keeps its duration), ``NullReporter`` stays
+silent (API use, tests).
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ class RichReporter(NullReporter):
 
         self.console = Console(stderr=True, highlight=False)
         self.live = self.console.is_terminal
+        if not self.live:  # CI logs: one line per step, however long; rich would wrap at 80 columns
+            self.console.soft_wrap = True
         self.progress_bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TimeElapsedColumn(), console=self.console, transient=True,
                                      disable=not self.live)
@@ -55,7 +58,7 @@ class RichReporter(NullReporter):
             self.progress_bar.advance(self._steps)
         mark = _MARK.get(outcome, "?")
         tail = f"  [dim]{detail}[/]" if detail else ""
-        self.console.print(f"{mark} {node.id:<20} {node.kind:<7} {outcome:<16} {node.key[:12]}{tail}")
+        self.console.print(f"{mark} {node.id:<20} {node.kind:<7} {outcome:<16} {node.short_key}{tail}")
 
     def warn(self, message: str) -> None:
         self.console.print(f"[yellow]warning:[/] {message}")

@@ -1,13 +1,18 @@
 """EXECUTE: walk a plan in dependency order and run what is not cached. The only phase that writes.
 
-Per step: take the key's lock, re-check the store (another run may have finished it), run the op into
-a staging dir, commit (objects first, action record last), then lay the outputs out readably under
-``out/<spec-name>/<step-id>/``. A branch that waits for review stops; independent branches go on.
+Per step: re-key it from the content of the upstream records actually used (early cutoff: identical
+upstream bytes keep it cached), take the key's lock, re-check the store (another run may have finished
+it), run the op into a staging dir, commit (objects first, action record last), then lay the outputs out
+readably under ``out/<spec-name>/<step-id>/``. A branch that waits for review stops; independent
+branches go on. The first record committed for a key wins: if another run got there first (a store
+shared without working locks), its record is used and a warning says so; only ``--force`` replaces one.
+Every record's ``meta`` names the environment that made it (``caspec.environment``).
 """
 from __future__ import annotations
 
 import difflib
 import shutil
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -15,9 +20,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .. import __version__
+from ..environment import environment
 from ..errors import CaspecError, ReviewPending, UsageError
 from ..ops.base import RunContext, UpstreamView
 from ..plan.graph import AWAITING, CACHED, Node, Plan, make_plan, rekey
+from ..plan.keys import content_digest
 from .progress import NullReporter
 
 RAN, FAILED, WOULD_RUN = "ran", "failed", "would-run"
@@ -140,10 +147,12 @@ class _Runner:
 
     def _execute(self, node: Node) -> None:
         start = time.monotonic()
-        # key from the upstream records actually used (and, for a gate, its manifest resolved against them)
+        # key from the content of the upstream records actually used (and, for a gate, its manifest
+        # resolved against them): exact from here on
         upstream = {role: UpstreamView(self.records[sid]) for role, sid in node.upstream.items()}
-        rekey(node, self.loaded, {role: view.key for role, view in upstream.items()}, self.plan.model_identity,
-              upstream if node.op.IS_GATE else None)
+        contents = {role: content_digest(self.records[sid]) for role, sid in node.upstream.items()}
+        rekey(node, self.loaded, contents, self.plan.model_identity, upstream if node.op.IS_GATE else None)
+        node.pending = []
         try:
             record, ran = self._cached_or_run(node)
         except ReviewPending as exc:
@@ -189,15 +198,30 @@ class _Runner:
 
     def _run_op(self, node: Node) -> Any:
         start = time.monotonic()
+        forced = node.id in self.force
         with self.store.staging(node.key) as staged:
             ctx = self._context(node, staged)
             result = node.op.run(ctx)
             meta = {"step_id": node.id, "spec": self.loaded.name, "caspec": __version__,
-                    "seconds": round(time.monotonic() - start, 3), "finished": time.time()}
+                    "seconds": round(time.monotonic() - start, 3), "finished": time.time(),
+                    "environment": environment(self._device(node))}
+            if ctx.meta:
+                meta["run"] = ctx.meta
             record = self.store.commit(node.key, staged, kind=node.kind, material=node.material,
-                                       result=result, meta=meta)
+                                       result=result, meta=meta, overwrite=forced)
+        if not record.committed:  # first record wins: another run committed this key while we ran
+            self.reporter.warn(f"`{node.id}`: another run committed key {node.short_key} first; using its outputs")
         shutil.rmtree(checkpoint_dir(self.store, node.key), ignore_errors=True)  # only after the commit
         return record
+
+    def _device(self, node: Node) -> str | None:
+        """The device the step computed on: the spec model's, for a step that uses the model or ran
+        with torch loaded (CLIP runs where the model does); None for a step that did no torch work."""
+        if not node.op.USES_MODEL and "torch" not in sys.modules:
+            return None
+        from ..models.load import resolve_device
+
+        return resolve_device(self.loaded.spec.model)
 
     def _context(self, node: Node, staged: Path) -> RunContext:
         upstream = {role: UpstreamView(self.records[sid]) for role, sid in node.upstream.items()}

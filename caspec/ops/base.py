@@ -6,7 +6,9 @@ An op is a small object with ``KIND``, ``VERSION`` and four methods:
 * ``inputs(step, spec_dir)``: user files the step reads (their digests enter the key);
 * ``upstream(step)``: role -> upstream step id (their keys enter the key; ids themselves never do);
 * ``run(ctx)``: do the work, writing files only under ``ctx.out_dir``; return the step's result
-  (JSON-able), typically ``{"images": [ImageEntry, ...]}``.
+  (JSON-able), typically ``{"images": [ImageEntry, ...]}``. Files and result are the step's *content*:
+  downstream keys follow them (early cutoff), so they hold nothing volatile. Timings and other facts about
+  the run go in ``ctx.meta`` (the action record's metadata).
 
 Bump ``VERSION`` whenever the op's output for the same key material would change.
 Planning calls the first three only; ``run`` is called by the executor alone.
@@ -48,6 +50,10 @@ class RunContext:
     progress: Callable[[int, int, str], None] = lambda done, total, desc="": None
     # extra per-step state the executor passes (e.g. the review manifest path)
     extra: dict[str, Any] = field(default_factory=dict)
+    # facts about this run, not about its outputs (time taken, the checkpoint it resumed from): the executor
+    # writes them into the action record's ``meta["run"]``. They never enter the step's files or result, so
+    # downstream keys (which follow the content of the files and result) never see them
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class Op:

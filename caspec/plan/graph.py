@@ -4,6 +4,13 @@
 decisions, derives keys in dependency order, and asks the store (read-only) what is cached.
 Statuses: ``cached``, ``run``, ``awaiting-review`` (a gate without a decision), ``blocked``
 (something upstream waits for review). Each status carries human reasons.
+
+A key contains the *content* of the upstream records a step consumes (``keys.content_digest``). Where
+every upstream step is cached the key is exact. Where one will run first, its content is not known yet:
+the key is *provisional* (``Node.provisional``), computed from the upstream's current record if it has
+one (what the key will be if its outputs come out unchanged, e.g. under ``--force``), else from a
+stand-in; the status is ``run``, "after `x` runs", and the executor re-keys the step once `x` is done.
+Cached steps made under another environment (libraries, device, thread count) carry ``notes``.
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ from ..errors import PlanError
 from ..ops import get_op
 from ..ops.base import GateState, Op
 from ..spec.models import kind_of
-from .keys import cache_key, diff_material, key_material
+from .keys import cache_key, content_digest, diff_material, key_material, pending_content
 
 CACHED, RUN, AWAITING, BLOCKED = "cached", "run", "awaiting-review", "blocked"
 
@@ -37,14 +44,26 @@ class Node:
     key: str = ""
     status: str = RUN
     reasons: list[str] = field(default_factory=list)
+    # upstream step ids that run before this one: the key is provisional until they have
+    pending: list[str] = field(default_factory=list)
+    # for a cached step: where the environment that made it differs from this one (name -> (made, now))
+    environment_changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def provisional(self) -> bool:
+        """The key depends on outputs of upstream steps that have not run yet."""
+        return bool(self.pending)
 
     @property
     def short_key(self) -> str:
-        return self.key[:12]
+        return ("~" if self.provisional else "") + self.key[:12]
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "kind": self.kind, "key": self.key, "status": self.status,
-                "reasons": self.reasons, "upstream": sorted(set(self.upstream.values()))}
+        return {"id": self.id, "kind": self.kind, "key": self.key, "provisional": self.provisional,
+                "status": self.status, "reasons": self.reasons, "notes": self.notes,
+                "environment_changes": {k: {"made": a, "now": b} for k, (a, b) in self.environment_changes.items()},
+                "upstream": sorted(set(self.upstream.values()))}
 
 
 @dataclass
@@ -108,18 +127,25 @@ def make_plan(loaded: Any, store: Any, *, force: set[str] | frozenset[str] = fro
         model_identity = identify(loaded.spec.model, loaded.dir)
     previous = store.read_state(loaded.name).get("steps", {})
     digests: dict[Path, str] = {}
+    records: dict[str, Any] = {}  # step id -> the record under its (possibly provisional) key, or None
+    now = _Now(loaded)
     for node in nodes.values():
         node.input_digests = {role: _file_digest(p, digests) for role, p in node.inputs.items()}
-        upstream = _cached_upstream(node, nodes, store) if node.op.IS_GATE else None
-        rekey(node, loaded, {role: nodes[sid].key for role, sid in node.upstream.items()}, model_identity, upstream)
-        _set_status(node, nodes, store, force, previous.get(node.id))
+        contents, node.pending = _upstream_contents(node, nodes, records)
+        upstream = _cached_upstream(node, nodes, records) if node.op.IS_GATE else None
+        rekey(node, loaded, contents, model_identity, upstream)
+        records[node.id] = store.get(node.key)
+        _set_status(node, nodes, records[node.id], store, force, previous.get(node.id))
+        if node.status == CACHED:
+            _note_environment(node, records[node.id], now)
     return Plan(loaded=loaded, nodes=nodes, model_identity=model_identity)
 
 
-def rekey(node: Node, loaded: Any, upstream_keys: dict[str, str], model_identity: dict[str, Any] | None,
+def rekey(node: Node, loaded: Any, upstream_contents: dict[str, str], model_identity: dict[str, Any] | None,
           upstream: dict[str, Any] | None = None) -> None:
-    """(Re)compute a node's gate state, key material and key from its upstream keys (and, for review
-    gates, the upstream outputs when they exist, which resolves manifests pre-filled by candidate id)."""
+    """(Re)compute a node's gate state, key material and key from the content digests of its upstream
+    records (``keys.content_digest``, or a stand-in for one not yet run) and, for review gates, the
+    upstream outputs when they exist, which resolves manifests pre-filled by candidate id."""
     inputs = dict(node.input_digests)
     if node.op.IS_GATE:
         node.gate = node.op.gate(node.step, node.id, loaded, upstream)
@@ -127,22 +153,37 @@ def rekey(node: Node, loaded: Any, upstream_keys: dict[str, str], model_identity
         inputs["review"] = node.gate.material
     node.material = key_material(
         kind=node.kind, op_version=node.op.VERSION, params=node.params,
-        model=model_identity if node.op.USES_MODEL else None, inputs=inputs, upstream=upstream_keys)
+        model=model_identity if node.op.USES_MODEL else None, inputs=inputs, upstream=upstream_contents)
     node.key = cache_key(node.material)
 
 
-def _cached_upstream(node: Node, nodes: dict[str, Node], store: Any) -> dict[str, Any] | None:
+def _upstream_contents(node: Node, nodes: dict[str, Node], records: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
+    """Role -> content digest of each upstream record, and the upstream steps that will run first.
+
+    A step that will run contributes the content of its current record if it has one (what it
+    consumes if the re-run writes the same bytes), else a stand-in derived from its key."""
+    contents: dict[str, str] = {}
+    pending: set[str] = set()
+    for role, sid in node.upstream.items():
+        record = records.get(sid)
+        if nodes[sid].status != CACHED:
+            pending.add(sid)
+        contents[role] = content_digest(record) if record is not None else pending_content(nodes[sid].key)
+    return contents, sorted(pending)
+
+
+def _cached_upstream(node: Node, nodes: dict[str, Node], records: dict[str, Any]) -> dict[str, Any] | None:
     from ..ops.base import UpstreamView
 
     views = {}
     for role, sid in node.upstream.items():
-        if nodes[sid].status != CACHED or (record := store.get(nodes[sid].key)) is None:
+        if nodes[sid].status != CACHED or (record := records.get(sid)) is None:
             return None
         views[role] = UpstreamView(record)
     return views
 
 
-def _set_status(node: Node, nodes: dict[str, Node], store: Any, force: set[str] | frozenset[str],
+def _set_status(node: Node, nodes: dict[str, Node], record: Any, store: Any, force: set[str] | frozenset[str],
                 prev: dict[str, Any] | None) -> None:
     waiting = [sid for sid in node.upstream.values() if nodes[sid].status in (AWAITING, BLOCKED)]
     if waiting:
@@ -153,7 +194,9 @@ def _set_status(node: Node, nodes: dict[str, Node], store: Any, force: set[str] 
         node.reasons = [node.gate.reason]
     elif node.id in force:
         node.status, node.reasons = RUN, ["forced with --force"]
-    elif store.has(node.key):
+    elif node.pending:
+        node.status, node.reasons = RUN, _why_after(node, record, store, prev)
+    elif record is not None:
         node.status, node.reasons = CACHED, []
     else:
         node.status, node.reasons = RUN, _why_run(node, store, prev)
@@ -162,11 +205,66 @@ def _set_status(node: Node, nodes: dict[str, Node], store: Any, force: set[str] 
             node.reasons.append(f"input `{role}` not found: `{path}`")
 
 
+def _previous_record(store: Any, prev: dict[str, Any] | None) -> Any:
+    return store.get(prev["key"]) if prev and prev.get("key") else None
+
+
 def _why_run(node: Node, store: Any, prev: dict[str, Any] | None) -> list[str]:
     if not prev:
         return ["never run"]
-    old = store.get(prev["key"]) if prev.get("key") else None
+    old = _previous_record(store, prev)
     if old is None:
         return ["not in the store (first run here, or removed by gc)"]
     reasons = diff_material(old.material, node.material, node.upstream)
     return reasons or ["not in the store"]
+
+
+STAYS = " (stays cached if its outputs are unchanged)"
+
+
+def _why_after(node: Node, record: Any, store: Any, prev: dict[str, Any] | None) -> list[str]:
+    """Reasons for a step that runs after upstream steps do: its own changes, then "after `x` runs"."""
+    after = [f"after `{sid}` runs" for sid in node.pending]
+    if record is not None:  # the key it gets if those outputs come out as they are now is in the store
+        return [a + STAYS for a in after]
+    old = _previous_record(store, prev)
+    if old is None:
+        return _why_run(node, store, prev) + after
+    pending_roles = {role for role, sid in node.upstream.items() if sid in node.pending}
+    before = old.material.get("upstream") or {}
+    mine = {**node.material, "upstream": {role: before.get(role, value) if role in pending_roles else value
+                                          for role, value in node.material["upstream"].items()}}
+    own = diff_material(old.material, mine, node.upstream)
+    return own + after if own else [a + STAYS for a in after]
+
+
+class _Now:
+    """The current environment, for comparing with cached records' (computed once, on first use)."""
+
+    def __init__(self, loaded: Any):
+        self.loaded = loaded
+        self._env: dict[str, Any] | None = None
+
+    def get(self, need_device: bool) -> dict[str, Any]:
+        from ..environment import environment
+
+        if self._env is None:
+            self._env = environment(None)
+        if need_device and self._env["device"] is None:
+            from ..models.load import resolve_device
+
+            self._env["device"] = resolve_device(self.loaded.spec.model)
+        return self._env
+
+
+def _note_environment(node: Node, record: Any, now: _Now) -> None:
+    """Say where the environment that made a cached record differs from this one (never a re-run)."""
+    from ..environment import describe, differences
+
+    made = (record.meta or {}).get("environment") if record is not None else None
+    if not isinstance(made, dict):
+        return
+    node.environment_changes = differences(made, now.get(need_device=made.get("device") is not None))
+    text = describe(node.environment_changes)
+    if text:
+        node.notes = [text]

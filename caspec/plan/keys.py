@@ -2,8 +2,14 @@
 
 Key material = {key_version, kind, op_version, params, model, inputs, upstream}:
 resolved parameters, the model's identity (file hashes / pinned commit / tiny's build recipe),
-digests of the user files a step reads, and the keys of its upstream steps by role.
-Step ids never enter a key, so renaming a step keeps its cache.
+digests of the user files a step reads, and, per upstream role, the *content digest* of the upstream
+record the step consumes (:func:`content_digest`: its output files and its result), not the upstream's
+key. So a step stays cached while its upstream's bytes stay the same, even when the upstream re-ran
+(``--force``, or another key that made the same bytes), and re-runs when they change: early cutoff, as
+in Bazel, Buck2 and Shake. Step ids never enter a key, so renaming a step keeps its cache.
+
+While an upstream step has yet to run, its content is unknown and a downstream key is *provisional*
+(:func:`pending_content`); the executor re-keys each step from the records it actually uses.
 """
 from __future__ import annotations
 
@@ -11,7 +17,27 @@ from typing import Any
 
 from ..store.hashing import sha256_json
 
-KEY_VERSION = 1
+KEY_VERSION = 2  # 2: upstream enters as the content digest of its record (was: its key)
+PENDING = "pending:"
+
+
+def content_digest(record: Any) -> str:
+    """What a downstream step consumes of ``record``: each output file's digest (relpath -> sha256) and the
+    op's result. Nothing volatile enters (timings and the environment live in ``meta``), so a re-run that
+    writes the same bytes and returns the same result gives the same digest. Ops must therefore keep
+    timings out of their result and files."""
+    files = {rel: entry["digest"] for rel, entry in record.outputs.items()}
+    return sha256_json({"files": files, "result": record.result})
+
+
+def pending_content(upstream_key: str) -> str:
+    """Stand-in for the content of an upstream step that has not run yet: keeps provisional keys
+    deterministic (and different when the upstream's key differs); never equals a content digest."""
+    return PENDING + upstream_key
+
+
+def is_pending(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(PENDING)
 
 
 def key_material(*, kind: str, op_version: int, params: dict[str, Any], model: dict[str, Any] | None,

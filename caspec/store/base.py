@@ -13,7 +13,10 @@ from typing import Any, Iterator, Protocol
 
 @dataclass(frozen=True)
 class Record:
-    """A finished step in the store. ``outputs`` maps a relative path to {"digest", "size"}."""
+    """A finished step in the store. ``outputs`` maps a relative path to {"digest", "size"}.
+
+    ``committed`` is not stored: it is True on the record a :meth:`Store.commit` call returns when that
+    call wrote it, False when the call found an earlier record for the key (and on records read back)."""
 
     key: str
     kind: str
@@ -22,6 +25,7 @@ class Record:
     result: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
     store_root: Path | None = None
+    committed: bool = field(default=False, compare=False, repr=False)
 
     def file(self, relpath: str) -> Path:
         """Path of the (read-only) stored object holding output ``relpath``."""
@@ -49,7 +53,21 @@ class Store(Protocol):
     def verify(self, record: Record) -> list[str]: ...
     def lock(self, key: str) -> AbstractContextManager[None]: ...
     def staging(self, key: str) -> AbstractContextManager[Path]: ...
-    def commit(self, key: str, staged: Path, *, kind: str, material: dict[str, Any], result: dict[str, Any], meta: dict[str, Any]) -> Record: ...
+    def commit(self, key: str, staged: Path, *, kind: str, material: dict[str, Any], result: dict[str, Any],
+               meta: dict[str, Any], overwrite: bool = False) -> Record:
+        """Store the files under ``staged`` and the record for ``key``; return the record now stored.
+
+        The first record committed for a key wins. Without ``overwrite``, committing a key that already
+        has a valid record (one that parses and whose objects verify) keeps that record and its objects
+        and returns it, with ``committed`` False; the staged files are not stored. Two processes racing
+        to commit the same key cannot both win: the record is written create-only (locally a hard link
+        of a complete temp file, which fails if the record exists; an S3 store uses a conditional PUT
+        with ``If-None-Match: *``), and the loser gets the winner's record. ``overwrite`` (``--force``)
+        replaces an existing record. A record that exists but is corrupt or has damaged objects is
+        replaced either way. Objects go in first and the record last: the record is the commit point,
+        so a crash at any moment leaves either no record or a complete one.
+        """
+        ...
     def drop(self, key: str) -> None: ...
     def records(self) -> Iterator[Record]: ...
     def gc(self, keep: set[str], dry_run: bool = False) -> GcReport: ...

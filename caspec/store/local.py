@@ -11,14 +11,22 @@ Layout under the root (``.caspec/`` beside a spec by default)::
 
 Crash safety: a step writes into a staging dir; :meth:`LocalStore.commit` hashes each
 file, fsyncs it and renames it into ``objects/`` (never writing there in place), and only then
-writes the record via temp file + fsync + ``os.replace``.  A crash at any point leaves either
-no record or a complete one; leftovers (staging dirs, unreferenced objects) are gc's job.
+writes the record via temp file + fsync + ``os.link`` (create-only; ``os.replace`` when
+overwriting).  A crash at any point leaves either no record or a complete one; leftovers (staging
+dirs, unreferenced objects) are gc's job.
+
+First record wins: ``commit`` without ``overwrite`` never replaces a valid record (see
+:meth:`caspec.store.base.Store.commit`).  The hard link fails with EEXIST if the record exists, so two
+processes racing to commit a key cannot both win.  Where the file system has no hard links, the
+record is created with ``O_EXCL`` instead (a crash mid-write then leaves a truncated record, which
+reads as corrupt, hence absent, and the next commit replaces it).
 
 Decisions worth knowing:
 
 * A corrupt or partial record (bad JSON, wrong shape) is treated as absent: ``has`` is False,
   ``get`` returns None and a :class:`CorruptRecordWarning` is issued; the next commit of the
-  key overwrites it and gc removes it.  ``has`` therefore parses the (small) record; it never
+  key overwrites it and gc removes it.  (Replacing a corrupt record is not race-free between
+  processes that do not hold the key's lock: both may believe they replaced it.)  ``has`` therefore parses the (small) record; it never
   hashes objects.
 * Read-only operations (has/get/verify/records/read_state, gc with dry_run) never create
   anything; the directories appear on the first write (staging/commit/lock/write_state/gc).
@@ -33,6 +41,7 @@ Decisions worth knowing:
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -133,6 +142,58 @@ def _atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
         raise
     if durable:
         _fsync_dir(path.parent)
+
+
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK, errno.EXDEV}
+
+
+def _create_only_write(path: Path, data: bytes, durable: bool = True) -> bool:
+    """Create ``path`` holding ``data`` unless it exists (then False, nothing written).
+
+    A complete, fsynced temp file is hard-linked to ``path``: the link either fails (EEXIST) or makes
+    the whole file appear at once, so racing writers cannot both succeed and no reader sees half a
+    file. Without hard links, ``O_EXCL`` creation keeps the first-wins guarantee (a crash mid-write
+    leaves a truncated file, which readers treat as corrupt)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            if durable:
+                os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except (AttributeError, NotImplementedError):  # pragma: no cover - no os.link here
+            return _exclusive_write(path, data, durable)
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            return _exclusive_write(path, data, durable)
+    finally:
+        with suppress(OSError):
+            os.unlink(tmp)
+    if durable:
+        _fsync_dir(path.parent)
+    return True
+
+
+def _exclusive_write(path: Path, data: bytes, durable: bool) -> bool:
+    """Create-only write with ``O_EXCL`` (for file systems without hard links)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        if durable:
+            os.fsync(fh.fileno())
+    if durable:
+        _fsync_dir(path.parent)
+    return True
 
 
 def _encode_json(obj: Any, what: str) -> bytes:
@@ -551,14 +612,25 @@ class LocalStore:
             self._copy_in(src, dest)
         self._verified.pop(str(dest), None)
 
-    def _write_record(self, path: Path, data: bytes) -> None:
-        """The commit point: write a record atomically (kept separate so tests can fail it)."""
+    def _write_record(self, path: Path, data: bytes, *, replace: bool = False) -> bool:
+        """The commit point: write a record atomically; create-only unless ``replace``. False if a record
+        file already existed (nothing written). Kept separate so tests can fail it."""
         path.parent.mkdir(exist_ok=True)
-        _atomic_write(path, data, self.durable)
+        if replace:
+            _atomic_write(path, data, self.durable)
+            return True
+        return _create_only_write(path, data, self.durable)
+
+    def _intact_record(self, key: str) -> Record | None:
+        """The record for ``key`` if it parses and its objects verify (what a commit must not replace)."""
+        record = self._load_record(key, warn=False)
+        return record if record is not None and not self.verify(record) else None
 
     def commit(self, key: str, staged: Path, *, kind: str, material: dict[str, Any],
-               result: dict[str, Any], meta: dict[str, Any] | None = None) -> Record:
-        """Move every file under ``staged`` into objects/, then write the record (last)."""
+               result: dict[str, Any], meta: dict[str, Any] | None = None, overwrite: bool = False) -> Record:
+        """Move every file under ``staged`` into objects/, then write the record (last); return the record
+        now stored. The first record committed for a key wins unless ``overwrite``: see
+        :meth:`caspec.store.base.Store.commit`."""
         _check_key(key)
         self._check_version()
         files = _scan_staged(Path(staged))
@@ -568,17 +640,23 @@ class LocalStore:
                 "outputs": outputs, "result": result, "meta": meta or {}}
         data = _encode_json(body, f"the record of step key {key}")
         try:
-            record = self._parse_record(key, data)
+            record = dataclasses.replace(self._parse_record(key, data), committed=True)
         except _Corrupt as exc:
             raise StoreError(f"cannot commit step key {key}: {exc} (kind must be a str, material/result/meta dicts)") from None
         self._ensure()
         with self._oserrors(f"committing {key}"), self._gc_guard(shared=True):
+            if not overwrite and (existing := self._intact_record(key)) is not None:
+                return existing  # first record wins; the staged files stay where they are
             for rel, path in files:
                 self._put_object(path, outputs[rel]["digest"], outputs[rel]["size"])
             if self.durable:
                 for shard in {self._object_path(o["digest"]).parent for o in outputs.values()}:
                     _fsync_dir(shard)
-            self._write_record(self._record_path(key), data)
+            path = self._record_path(key)
+            if overwrite or not self._write_record(path, data):
+                if not overwrite and (existing := self._intact_record(key)) is not None:
+                    return existing  # another process committed it while we stored our objects
+                self._write_record(path, data, replace=True)  # overwrite, or the existing one is corrupt
         return record
 
     # ---------------------------------------------------------------- state
