@@ -28,7 +28,7 @@ from caspec.metrics import load_clip
 
 torch = pytest.importorskip("torch")
 
-TINY = ClipSpec(model="caspec-tiny-clip")
+TINY = ClipSpec(model="caspec-tiny-clip", pretrained="random")
 
 
 def _images(n: int, seed: int = 0, size: tuple[int, int] = (80, 64)) -> list[Image.Image]:
@@ -159,7 +159,8 @@ def test_evaluate_plot_and_json(clip, tmp_path):
         sum(prompt_consistency(clip, [im for im, _ in groups["baseline"]], ["a photo of a robot"] * 3)) / 3, abs=1e-6)
     assert g["single"]["identity_consistency"] is None and g["single"]["prompt_consistency"] is not None
     assert g["empty"] == {"prompt_consistency": None, "identity_consistency": None, "n": 0}
-    assert result["clip"] == clip_identity(TINY)
+    assert {k: v for k, v in result["clip"].items() if k != "warning"} == clip_identity(TINY)
+    assert result["clip"]["random_weights"] is True and "meaningless" in result["clip"]["warning"]
 
     out = save_result(result, tmp_path / "metrics.json")
     assert json.loads(out.read_text()) == result
@@ -216,8 +217,8 @@ def test_clip_identity_follows_checkpoint_bytes(tmp_path):
     assert clip_identity(spec) == first == clip_identity(spec)
 
     assert clip_identity(TINY)["init_seed"] is not None and clip_identity(TINY)["checkpoint_sha256"] is None
-    assert clip_identity(TINY) != clip_identity(ClipSpec("ViT-B-32"))
-    assert clip_identity(ClipSpec("ViT-B-32", pretrained="openai"))["pretrained"] == "openai"  # no download
+    assert clip_identity(TINY)["random_weights"] is True
+    assert clip_identity(TINY) != clip_identity(ClipSpec("ViT-B-32", pretrained="random"))
 
 
 def test_load_checkpoint_safetensors_and_torch(clip, tmp_path):
@@ -276,7 +277,7 @@ def test_pretrained_tag_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     err = _model_error(ClipSpec(model="ViT-B-32", pretrained="openai"))
-    assert "`openai` weights" in err.message and "not in the local cache" in err.message
+    assert "`openai` weights" in err.message and "not in the local Hugging Face cache" in err.message
     assert "checkpoint" in err.hint and "HF_HUB_CACHE" in err.hint
     err = _model_error(ClipSpec(model="ViT-B-32", pretrained="no-such-tag"))
     assert "no pretrained tag `no-such-tag`" in err.message and "openai" in err.hint

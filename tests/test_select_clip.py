@@ -6,13 +6,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
 from fakeops import fake_ops
 from caspec.exec.runner import run
 from caspec.ops.base import Op, image_entry
-from caspec.ops.select_clip import SCORE_FORMULA, Settings, decide, score_of
+from caspec.metrics.edit_score import EditScore, directional_similarity, score_candidate
+from caspec.ops.select_clip import SCORE_FORMULA, Settings, decide
 from caspec.plan.graph import make_plan
 from caspec.spec.load import load_spec
 from caspec.store import LocalStore
@@ -21,16 +23,61 @@ from caspec.store import LocalStore
 # the pure decision
 
 
-def test_score_formula():
-    assert score_of(0.3, 0.8) == pytest.approx(1.1)
-    assert score_of(0.3, None) == pytest.approx(0.3)  # roots: text only
-    assert "text + identity" in SCORE_FORMULA
+def E(direction=None, text=None, identity=None, text_gain=None, noop=False):
+    return EditScore(text=text, identity=identity, direction=direction, text_gain=text_gain, noop=noop)
+
+
+def roots(*texts):
+    return [EditScore(text=t) for t in texts]
+
+
+def test_score_is_the_edit_not_the_image():
+    assert E(0.4, text=0.3, identity=0.9).score == pytest.approx(0.4)  # ranked by direction
+    assert E(text=0.3, identity=0.9, text_gain=0.1).score == pytest.approx(0.1)  # source prompt unknown
+    assert EditScore(text=0.3).score == pytest.approx(0.3)  # roots: text only
+    assert E(text=0.3, identity=0.99, noop=True).formula == "noop" and E(noop=True).edit is None
+    assert "cos(I(c) - I(s), T(p) - T(q))" in SCORE_FORMULA and "text + identity" not in SCORE_FORMULA
+
+
+def test_a_near_copy_loses_to_a_real_edit():
+    # the issue's measurement: a real edit (text 0.30, identity 0.75) and a near-copy (0.28, 0.97)
+    d = decide([E(0.35, text=0.30, identity=0.75), E(0.05, text=0.28, identity=0.97)], None, Settings(count=1))
+    assert d.kept == [0]
+    assert "min_relative_direction 0.6" in d.why[1]
+
+
+def test_noop_edits_never_pass_beside_real_edits():
+    scores = [E(text=0.7, identity=0.97, noop=True), E(0.2, text=0.3, identity=0.6), E(text=0.7, identity=0.98, noop=True)]
+    d = decide(scores, None, Settings(min_relative_direction=None, min_direction=None), ids="abc")
+    assert d.kept == [1] and d.passed == [False, True, False]
+    assert "no-op edit" in d.why[0]
+    d = decide(scores, None, Settings(count=2), ids="abc")  # too few real edits: the step fails, no no-op fills in
+    assert d.kept == [1] and "needs exactly 2" in d.problem
+    # a step of no-ops only (variations of the source's prompt) ranks them by text, like roots
+    d = decide([E(text=0.5, identity=0.9, noop=True), E(text=0.6, identity=0.9, noop=True)], None, Settings(top_k=1))
+    assert d.kept == [1]
+
+
+def test_direction_thresholds_absolute_and_within_a_source():
+    scores = [E(0.9), E(0.5), E(-0.1), E(0.0), E(0.3), E(0.25)]
+    sources = ["s0", "s0", "s0", "s1", "s1", "s1"]
+    d = decide(scores, None, Settings(), ids="abcdef", sources=sources)
+    assert d.passed == [True, False, False, False, True, True]  # 0.5 < 0.6 x 0.9; 0.25 >= 0.6 x 0.3
+    assert "direction -0.100 <= min_direction 0" in d.why[2] and "direction 0.000 <= min_direction 0" in d.why[3]
+    assert "min_relative_direction 0.6 x the best of its source (0.900)" in d.why[1]
+    assert d.relative[1] == pytest.approx(0.5 / 0.9) and d.relative[5] == pytest.approx(0.25 / 0.3)
+    assert d.kept == [0, 4, 5]
+    # the same scores as one source: the best of all sets the bar
+    assert decide(scores, None, Settings()).passed == [True, False, False, False, False, False]
+    # both off: everything but nothing is refused
+    assert all(decide(scores, None, Settings(min_direction=None, min_relative_direction=None)).passed)
 
 
 def test_thresholds_each_apply_and_say_why():
     text = [0.30, 0.10, 0.30, 0.30, 0.25]
     ident = [0.90, 0.90, 0.50, 0.99, None]  # the last has no source: identity thresholds skip it
-    d = decide(text, ident, None, Settings(min_text=0.2, min_identity=0.6, max_identity=0.95), ids="abcde")
+    scores = [E(0.5, text=t, identity=i) if i is not None else EditScore(text=t) for t, i in zip(text, ident)]
+    d = decide(scores, None, Settings(min_text=0.2, min_identity=0.6, max_identity=0.95), ids="abcde")
     assert d.passed == [True, False, False, False, True]
     assert "text 0.100 < min_text 0.2" in d.why[1]
     assert "identity 0.500 < min_identity 0.6" in d.why[2]
@@ -40,48 +87,59 @@ def test_thresholds_each_apply_and_say_why():
 
 
 def test_ranking_and_top_k():
-    text = [0.1, 0.2, 0.3, 0.4]
-    ident = [0.5, 0.5, 0.5, 0.5]
-    d = decide(text, ident, None, Settings(top_k=2))
+    d = decide([E(0.7), E(0.8), E(0.9), E(1.0)], None, Settings(top_k=2))
     assert d.kept == [3, 2]
-    assert d.scores[3] == pytest.approx(0.9)
+    assert d.scores[3] == pytest.approx(1.0)
     assert "beyond top_k 2" in d.why[1]
     # ties go to the earlier candidate
-    assert decide([0.2, 0.2, 0.2], [None] * 3, None, Settings(top_k=1)).kept == [0]
+    assert decide(roots(0.2, 0.2, 0.2), None, Settings(top_k=1)).kept == [0]
 
 
 def test_near_duplicates_drop_the_lower_ranked():
-    text = [0.4, 0.3, 0.2]
+    scores = roots(0.4, 0.3, 0.2)
     dup = [[1.0, 0.99, 0.1], [0.99, 1.0, 0.2], [0.1, 0.2, 1.0]]
-    d = decide(text, [None] * 3, dup, Settings(max_duplicate=0.95), ids=["x", "y", "z"])
+    d = decide(scores, dup, Settings(max_duplicate=0.95), ids=["x", "y", "z"])
     assert d.kept == [0, 2]
     assert "near-duplicate of x (0.990 > max_duplicate 0.95)" in d.why[1]
     # a dropped duplicate does not take a top_k slot
-    assert decide(text, [None] * 3, dup, Settings(max_duplicate=0.95, top_k=2)).kept == [0, 2]
+    assert decide(scores, dup, Settings(max_duplicate=0.95, top_k=2)).kept == [0, 2]
     # without max_duplicate nothing is dropped
-    assert decide(text, [None] * 3, dup, Settings()).kept == [0, 1, 2]
+    assert decide(scores, dup, Settings()).kept == [0, 1, 2]
 
 
 def test_count_keeps_exactly_the_best_n():
-    text = [0.1, 0.4, 0.3, 0.2]
-    d = decide(text, [None] * 4, None, Settings(count=2, top_k=3))
+    d = decide(roots(0.1, 0.4, 0.3, 0.2), None, Settings(count=2, top_k=3))
     assert d.kept == [1, 2] and d.problem == ""
     assert "beyond count 2" in d.why[3]
 
 
 def test_too_few_fails_listing_best_scores():
-    text = [0.10, 0.35, 0.20]
-    ident = [0.9, 0.4, 0.7]
-    d = decide(text, ident, None, Settings(min_text=0.3, min_identity=0.8, min_keep=2), ids=["a", "b", "c"])
+    scores = [E(0.9, text=0.10, identity=0.9), E(0.8, text=0.35, identity=0.4), E(0.7, text=0.20, identity=0.7)]
+    d = decide(scores, None, Settings(min_text=0.3, min_identity=0.8, min_keep=2), ids=["a", "b", "c"])
     assert d.kept == []
     assert "only 0 of 3 candidate(s) kept, the step needs at least 2" in d.problem
     # best first, with scores and what each failed
-    assert d.problem.index("a: score 1.000") < d.problem.index("c: score 0.900") < d.problem.index("b: score 0.750")
+    assert d.problem.index("a: score 0.900") < d.problem.index("b: score 0.800") < d.problem.index("c: score 0.700")
+    assert "direction 0.900, text 0.100, identity 0.900" in d.problem
     assert "text 0.100 < min_text 0.3" in d.problem and "identity 0.400 < min_identity 0.8" in d.problem
-    d = decide([0.5, 0.1], [None, None], None, Settings(min_text=0.3, count=2))
+    d = decide(roots(0.5, 0.1), None, Settings(min_text=0.3, count=2))
     assert "needs exactly 2" in d.problem
-    d = decide([0.5, 0.4, 0.3], [None] * 3, None, Settings(count=3, top_k=2))
+    d = decide(roots(0.5, 0.4, 0.3), None, Settings(count=3, top_k=2))
     assert "`top_k: 2` keeps fewer than the 3" in d.problem
+
+
+def test_directional_similarity_on_vectors():
+    t = torch.tensor
+    src, red, blue = t([1.0, 0.0, 0.0]), t([0.0, 1.0, 0.0]), t([0.0, 0.0, 1.0])
+    moved = (src + red) / (src + red).norm()  # the image moved towards "red"
+    assert directional_similarity(moved, src, red, blue) > 0.5
+    assert directional_similarity(src, src, red, blue) == 0.0  # an unchanged copy shows no edit
+    assert directional_similarity(moved, src, red, red) is None  # no text direction: a no-op edit
+    sc = score_candidate(moved, source=src, prompt=red, source_prompt=red)
+    assert sc.noop and sc.formula == "noop"
+    sc = score_candidate(moved, source=src, prompt=red)  # source prompt unknown: text gain
+    assert sc.formula == "text_gain" and sc.text_gain == pytest.approx(float(moved @ red) - float(src @ red))
+    assert score_candidate(moved, prompt=red).formula == "text"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +185,8 @@ class PngEdit(Op):
                     img.paste((255 * (p % 2), 60 * k, 30 * p), (0, 0, 8 + 8 * k, 8 + 4 * p))
                     img.save(ctx.out_dir / name)
                     images.append(image_entry(name[:-4], name, prompt=prompt, seed=k, source=src["id"],
-                                              source_index=s, source_file=f"sources/s{s}.png"))
+                                              source_index=s, source_file=f"sources/s{s}.png",
+                                              source_prompt=src.get("prompt")))
         return {"images": images}
 
 
@@ -182,9 +241,11 @@ def test_key_changes_with_thresholds_and_checkpoint_only(tmp_path):
     for clip in ("{model: caspec-tiny-clip, top_k: 3}", "{model: caspec-tiny-clip, top_k: 2, min_text: 0.1}",
                  "{model: caspec-tiny-clip, top_k: 2, min_identity: 0.5}",
                  "{model: caspec-tiny-clip, top_k: 2, max_duplicate: 0.99}",
-                 "{model: caspec-tiny-clip, top_k: 2, min_keep: 2}"):
+                 "{model: caspec-tiny-clip, top_k: 2, min_keep: 2}",
+                 "{model: caspec-tiny-clip, top_k: 2, min_direction: 0.1}",
+                 "{model: caspec-tiny-clip, top_k: 2, min_relative_direction: 0.5}"):
         keys.add(plan(*write(tmp_path, clip)).nodes["pick"].key)
-    assert len(keys) == 6
+    assert len(keys) == 8
     # the checkpoint file: its content, not its name or time
     ck = tmp_path / "clip.pt"
     ck.write_bytes(b"weights-1")
@@ -209,10 +270,13 @@ def test_clip_selects_writes_scores_and_honours_a_hand_override(tmp_path, png_op
     assert len(cands) == 4 and sum(c["keep"] for c in cands) == 2
     auto = sorted(c["digest"] for c in cands if c["keep"])
     assert data["auto"]["keep"] == auto and data["auto"]["by"] == "clip"
+    # `model: tiny` with no weights named: random weights, and the manifest says so
+    assert data["auto"]["pretrained"] == "random" and data["auto"]["random_weights"] is True
+    assert "random weights" in data["auto"]["warning"]
     for c in cands:
         sc = c["scores"]
-        assert set(sc) == {"text", "identity", "score", "passed", "why"}
-        assert sc["score"] == pytest.approx(sc["text"] + sc["identity"], abs=2e-4)
+        assert set(sc) == {"text", "identity", "direction", "text_gain", "relative", "formula", "score", "passed", "why"}
+        assert sc["formula"] == "direction" and sc["score"] == sc["direction"]
     kept_ids = sorted(c["id"] for c in cands if c["keep"])
     best = sorted(cands, key=lambda c: -c["scores"]["score"])[:2]
     assert kept_ids == sorted(c["id"] for c in best)
@@ -319,8 +383,8 @@ def test_real_root_edit_select_by_clip(tmp_path):
           pick:
             from: e
             by: clip
-            clip: {model: caspec-tiny-clip, top_k: 2, min_identity: 0.1}
-    """))
+            clip: {model: caspec-tiny-clip, top_k: 2, min_identity: 0.1, min_direction: null}
+    """))  # random CLIP weights: directions are noise, so the direction floor is off here
     loaded, store = load_spec(path), LocalStore(tmp_path / ".caspec")
     s = run(loaded, store, plan=make_plan(loaded, store))
     assert statuses(s) == {"r": "ran", "e": "ran", "pick": "ran"}, s.outcomes["pick"].message
@@ -330,7 +394,42 @@ def test_real_root_edit_select_by_clip(tmp_path):
     kept = sorted(c["id"] for c in data["candidates"] if c["keep"])
     assert len(kept) == 2 and sorted(data["auto"]["keep"]) == sorted(c["digest"] for c in data["candidates"] if c["keep"])
     assert all(c["scores"]["identity"] is not None and c["scores"]["text"] is not None for c in data["candidates"])
+    # the edit step records its source's prompt, so every candidate is scored by its direction
+    assert all(c["scores"]["formula"] == "direction" and c["scores"]["direction"] is not None for c in data["candidates"])
+    edit = store.get(make_plan(loaded, store).nodes["e"].key).result["images"]
+    assert {img["source_prompt"] for img in edit} == {"a photo of a robot"}
     assert sorted(p.stem for p in (out / "pick").glob("*.png")) == kept
     for k in kept:
         assert (out / "pick" / f"{k}.png").read_bytes() == (out / "e" / f"{k}.png").read_bytes()
     assert {n.status for n in make_plan(loaded, store).nodes.values()} == {"cached"}
+
+
+def test_a_noop_edit_is_never_kept_beside_real_edits(tmp_path, png_ops):
+    # the issue's measurement: one prompt equal to the root's (a no-op), one real edit; selecting 2 kept two
+    # unchanged copies under `text + identity`. Thresholds off: only the no-op rule decides here.
+    loaded, store = write(tmp_path, "{model: caspec-tiny-clip, top_k: 2, min_direction: null, "
+                                    "min_relative_direction: null}")
+    (tmp_path / "t.yaml").write_text((tmp_path / "t.yaml").read_text()
+                                     .replace('prompts: ["a red robot", "a blue robot"]', 'prompts: ["a robot", "a red robot"]'))
+    loaded = load_spec(tmp_path / "t.yaml")
+    s = go(loaded, store)
+    assert statuses(s)["pick"] == "ran", s.outcomes["pick"].message
+    data = yaml.safe_load((tmp_path / "reviews" / "t" / "pick.yaml").read_text())
+    kept = sorted(c["id"] for c in data["candidates"] if c["keep"])
+    assert kept == ["s0-p1-c0", "s0-p1-c1"]
+    noops = [c for c in data["candidates"] if c["prompt"] == "a robot"]
+    assert len(noops) == 2 and all(c["scores"]["formula"] == "noop" and not c["scores"]["passed"] for c in noops)
+    assert all(c["scores"]["identity"] > 0.99 for c in noops if c["id"].endswith("c0"))  # a copy of the source
+
+
+def test_clip_runs_on_the_models_device(tmp_path, png_ops, monkeypatch):
+    from caspec.metrics import clip as clipmod
+
+    seen = []
+    real = clipmod.load_clip
+    monkeypatch.setattr(clipmod, "load_clip", lambda spec, device="cpu": seen.append(device) or real(spec, "cpu"))
+    loaded, store = write(tmp_path)
+    (tmp_path / "t.yaml").write_text((tmp_path / "t.yaml").read_text().replace("name: t", "name: t\nmodel: {device: cuda}"))
+    s = go(load_spec(tmp_path / "t.yaml"), store)
+    assert statuses(s)["pick"] == "ran", s.outcomes["pick"].message
+    assert seen == ["cuda"]

@@ -83,7 +83,7 @@ select:
     assert spec.select["auto"].clip.model == "caspec-toy-clip"
     assert spec.select["custom"].clip.model == "caspec-tiny-clip"
     other = load_spec_text(text.replace("model: toy", "model: tiny"), tmp_path / "s.yaml").spec
-    assert other.select["auto"].clip is None or other.select["auto"].clip.model == "ViT-B-32"
+    assert other.select["auto"].clip.model == "caspec-tiny-clip"  # `tiny`: its own (random-weight) CLIP
 
 
 def test_toy_model_identity_enters_plan_without_torch(tmp_path):

@@ -1,23 +1,33 @@
-"""A CLIP model for the paper's metrics (section 4.1): which one (:class:`ClipSpec`), what enters cache
-keys (:func:`clip_identity`), and loading it (:func:`load_clip`) to embed images and texts.
+"""A CLIP model for the paper's metrics (section 4.1) and for automatic selection: which one
+(:class:`ClipSpec`), whether its weights can be found (:func:`check_weights`, pure), what enters cache keys
+(:func:`clip_identity`), and loading it (:func:`load_clip`) to embed images and texts.
 
-A spec names an open_clip architecture (``ViT-B-32``, ..., or ``caspec-tiny-clip``, the small config
-shipped in ``caspec/metrics/configs`` for tests) and where its weights come from:
+A spec names an open_clip architecture (``ViT-B-32``, ..., ``caspec-toy-clip`` (shipped weights, trained on
+the shapes world) or ``caspec-tiny-clip`` (a small config for tests)) and where its weights come from:
 
-* ``pretrained``: an open_clip tag (``openai``, ``laion2b_s34b_b79k``, ...), resolved from the local
-  Hugging Face cache when offline;
+* ``pretrained``: an open_clip tag (``openai``, ``laion2b_s34b_b79k``, ...). Resolved as open_clip does
+  (``download_pretrained``: the tag's ``hf_hub`` repo id and file name, a ``.safetensors`` alternative first),
+  but only from the local Hugging Face cache (``huggingface_hub.try_to_load_from_cache``, HF_HUB_CACHE):
+  caspec never downloads. A tag with only a ``url`` is looked for in open_clip's own cache (``~/.cache/clip``);
 * ``checkpoint``: a local state-dict file (``.safetensors``, or a ``torch.save`` file read with
   ``weights_only=True``);
-* neither: random weights from the architecture config, initialised from a fixed seed, so that the
-  same spec always gives the same embeddings (what offline tests use; useless as a real metric).
+* ``pretrained: random`` (:data:`RANDOM`): random weights from the architecture config, initialised from a
+  fixed seed, so the same spec always gives the same embeddings. Meaningless as a metric; every output made
+  with them says so (:func:`is_random`, :func:`weights_note`). Never chosen silently: a spec that names no
+  weights gets an error (:func:`check_weights`), except that :func:`for_spec` gives random weights to the
+  embedded ``tiny``/``toy`` diffusion models, whose images are not real either.
 
-Importing this module is cheap: open_clip (seconds to import) is imported, and caspec's configs are
-registered with ``open_clip.add_model_config``, on the first load (or :func:`register_configs`).
+Importing this module is cheap: open_clip (seconds to import, and it imports torch) is imported, and caspec's
+configs are registered with ``open_clip.add_model_config``, on the first load (or :func:`register_configs`).
+Checking weights reads open_clip's table of pretrained tags from its source file without importing it
+(:func:`pretrained_cfg`), so that planning stays free of torch.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import difflib
+import functools
 import hashlib
 import json
 import logging
@@ -40,17 +50,56 @@ TINY_CLIP = "caspec-tiny-clip"
 TOY_CLIP = "caspec-toy-clip"
 TOY_CLIP_WEIGHTS = Path(__file__).resolve().parent.parent / "toyworld" / "weights" / "clip.safetensors"
 INIT_SEED = 20240521  # random-init weights: the same spec gives the same model, run after run
+RANDOM = "random"  # `pretrained: random`: random weights, asked for by name
+EMBEDDED_MODELS = ("tiny", "toy")  # diffusion models whose CLIP may default to random weights
 DEFAULT_BATCH_SIZE = 32
 _SCHEMAS = ("hf-hub:", "local-dir:")
+HF_WEIGHTS_NAME = "open_clip_pytorch_model.bin"  # open_clip.constants: a tag's default file on the hub
 
 
 @dataclass(frozen=True)
 class ClipSpec:
-    """Which CLIP: an open_clip model name, and a pretrained tag or a local checkpoint file (or neither)."""
+    """Which CLIP: an open_clip model name, and its weights: a pretrained tag (or ``random``) or a local
+    checkpoint file. Neither is allowed only for a model whose weights caspec ships (the toy CLIP)."""
 
     model: str = "ViT-B-32"
     pretrained: str | None = None
     checkpoint: str | None = None
+
+
+class ClipWeightsError(ModelError):
+    """A CLIP whose weights cannot be found; ``field`` names the spec setting at fault (``model``,
+    ``pretrained`` or ``checkpoint``) so that the spec loader can point at it."""
+
+    def __init__(self, message: str, hint: str | None = None, field: str = "pretrained"):
+        super().__init__(message, hint)
+        self.field = field
+
+
+def is_random(spec: ClipSpec) -> bool:
+    """Whether ``spec`` means random weights (``pretrained: random``)."""
+    return (spec.pretrained or "").lower() == RANDOM
+
+
+def for_spec(model: str, pretrained: str | None, checkpoint: str | None, base: str | None) -> ClipSpec:
+    """The CLIP a spec's settings mean, for a spec whose diffusion model is ``base``.
+
+    With the embedded ``tiny``/``toy`` models, naming no weights means random weights (outputs say so);
+    with any other model it stays "no weights", which :func:`check_weights` refuses.
+    """
+    spec = ClipSpec(model, pretrained or None, checkpoint or None)
+    if (base or "tiny") in EMBEDDED_MODELS and not spec.pretrained and not spec.checkpoint \
+            and _shipped_weights(spec) is None:
+        return ClipSpec(model, RANDOM, None)
+    return spec
+
+
+def weights_note(spec: ClipSpec) -> str | None:
+    """A warning for outputs made with random weights (None for real weights)."""
+    if not is_random(spec):
+        return None
+    return (f"CLIP `{spec.model}` has random weights (seed {INIT_SEED}): its scores are meaningless, "
+            "fit only for tests and dry runs")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,16 +110,31 @@ def _checkpoint_hint(model: str) -> str:
     return (
         f"point `checkpoint` at a local state-dict file for `{model}` (.safetensors, or a torch.save'd "
         "state dict), e.g. `torch.save(model.state_dict(), 'clip.pt')` on a machine that has the weights; "
-        f"or use `model: {TINY_CLIP}` without weights for a quick (meaningless) offline run"
+        f"or `pretrained: {RANDOM}` for a quick (meaningless) offline run"
     )
 
 
-def _offline_hint(model: str, tag: str) -> str:
+def _offline_hint(model: str, tag: str, repo: str | None = None, filename: str | None = None) -> str:
+    fetch = (f"`hf download {repo} {filename}`" if repo and filename else
+             f"`python -c \"import open_clip; open_clip.create_model_and_transforms('{model}', pretrained='{tag}')\"`")
     return (
-        f"download them once on a machine with network (`python -c \"import open_clip; "
-        f"open_clip.create_model_and_transforms('{model}', pretrained='{tag}')\"`) and copy the Hugging Face "
-        "cache here (or set HF_HUB_CACHE to it); or " + _checkpoint_hint(model)
+        f"caspec reads CLIP weights from the local Hugging Face cache only ({_hub_cache()}): on a machine with "
+        f"network run {fetch}, copy its cache folder{f' `{_repo_folder(repo)}`' if repo else ''} into this "
+        "cache (or point HF_HUB_CACHE at a copy); or " + _checkpoint_hint(model)
     )
+
+
+def _no_weights_hint(model: str) -> str:
+    tags = list_tags(model)
+    example = next((t for t in ("laion2b_s34b_b79k", "openai") if t in tags), tags[0] if tags else None)
+    named = f"`pretrained: {example}`" if example else "`pretrained: <tag>`"
+    known = f" (tags of `{model}`: {', '.join(tags[:8])}{', ...' if len(tags) > 8 else ''})" if tags else ""
+    hub = _hub_files(pretrained_cfg(model, example)) if example else None
+    fetch = f"`hf download {hub[0]} {hub[1][0]}`" if hub else "`hf download REPO FILE`"
+    return (f"name the weights: {named}{known}, with the weights in the local Hugging Face cache "
+            f"({_hub_cache()}; caspec never downloads: run {fetch} on a machine with network and copy the "
+            f"cache folder here), or `checkpoint: path/to/clip.safetensors`; `pretrained: {RANDOM}` for "
+            "meaningless random weights")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -129,6 +193,167 @@ def _model_config(model: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+# pretrained tags, resolved from the local cache (found without importing open_clip or torch)
+
+
+def _open_clip_file(name: str) -> Path | None:
+    folder = _builtin_config_dir()
+    return None if folder is None else folder.parent / name
+
+
+def _exec_without_imports(path: Path, namespace: dict[str, Any]) -> dict[str, Any]:
+    """Run a module's source with its top-level imports (and ``try: import ...``) left out."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    def is_import(node: ast.stmt) -> bool:
+        return isinstance(node, (ast.Import, ast.ImportFrom)) or (
+            isinstance(node, ast.Try) and any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in node.body))
+    tree.body = [node for node in tree.body if not is_import(node)]
+    exec(compile(tree, str(path), "exec"), namespace)  # noqa: S102 - open_clip's own source, imports removed
+    return namespace
+
+
+@functools.lru_cache(maxsize=1)
+def _pretrained_module() -> dict[str, Any]:
+    """open_clip's ``pretrained`` module as a namespace: its table ``_PRETRAINED`` and its functions.
+
+    open_clip's package imports torch (seconds), and planning must not; its ``pretrained.py`` only needs its
+    ``constants`` at import, so it is run here from source without its imports (a test checks that the table
+    equals open_clip's own). If open_clip's layout changes, the module itself is imported instead.
+    """
+    constants, pretrained = _open_clip_file("constants.py"), _open_clip_file("pretrained.py")
+    try:
+        assert constants is not None and pretrained is not None
+        ns = _exec_without_imports(constants, {"__name__": "caspec_open_clip_constants"})
+        ns.update({"__name__": "caspec_open_clip_pretrained", "copy": __import__("copy"), "hashlib": hashlib,
+                   "os": os, "urllib": __import__("urllib"), "warnings": __import__("warnings"),
+                   "partial": functools.partial, "Dict": dict, "Iterable": Iterable, "Optional": Any, "Union": Any,
+                   "tqdm": None, "hf_hub_download": None, "_has_hf_hub": True, "_has_safetensors": True,
+                   "__version__": _open_clip_version()})
+        ns = _exec_without_imports(pretrained, ns)
+        if isinstance(ns.get("_PRETRAINED"), dict) and callable(ns.get("get_pretrained_cfg")):
+            return ns
+    except Exception:  # noqa: BLE001 - fall back to open_clip itself
+        pass
+    if util.find_spec("open_clip") is None:  # pragma: no cover - open_clip is a dependency
+        return {"_PRETRAINED": {}, "get_pretrained_cfg": lambda m, t: {}, "_get_safe_alternatives": lambda f: ()}
+    import open_clip.pretrained as real  # pragma: no cover - only if the source layout changed
+
+    return vars(real)
+
+
+def pretrained_table() -> dict[str, dict[str, Any]]:
+    """open_clip's table of pretrained tags (model -> tag -> config), as caspec reads it (the same object
+    each call: registering a tag in it, e.g. in a test, is seen by :func:`pretrained_cfg`)."""
+    return _pretrained_module()["_PRETRAINED"]
+
+
+def pretrained_cfg(model: str, tag: str) -> dict[str, Any]:
+    """open_clip's config of pretrained tag ``tag`` of ``model`` (``{}`` when there is none)."""
+    return dict(_pretrained_module()["get_pretrained_cfg"](model.replace("/", "-"), tag) or {})
+
+
+def list_tags(model: str) -> list[str]:
+    """The pretrained tags open_clip knows for ``model``."""
+    return list(pretrained_table().get(model.replace("/", "-"), {}))
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _repo_folder(repo: str | None) -> str:
+    return f"models--{(repo or '').replace('/', '--')}"
+
+
+@dataclass(frozen=True)
+class PretrainedFile:
+    """Where a pretrained tag's weights are: the file, and the hub repo id, file name and snapshot commit
+    (None for a tag downloaded from a plain URL into open_clip's cache)."""
+
+    path: Path
+    repo: str | None = None
+    filename: str | None = None
+    revision: str | None = None
+
+
+def _hub_files(cfg: dict[str, Any]) -> tuple[str, list[str]] | None:
+    """(repo id, file names to try in order) of a tag's ``hf_hub`` entry, as open_clip's
+    ``download_pretrained`` reads it: ``org/name/file`` or ``org/name/`` (the default file), with the
+    ``.safetensors`` alternatives first."""
+    hub = cfg.get("hf_hub") or ""
+    if not hub:
+        return None
+    repo, filename = os.path.split(hub)
+    filename = filename or HF_WEIGHTS_NAME
+    safe = list(_pretrained_module()["_get_safe_alternatives"](filename))
+    return repo, [*safe, filename]
+
+
+def find_pretrained(model: str, tag: str) -> PretrainedFile:
+    """The cached weights of ``tag`` for ``model``; a :class:`ClipWeightsError` with a hint when the tag is
+    unknown or its weights are not in the local cache. Pure: looks for files, loads nothing."""
+    cfg = pretrained_cfg(model, tag)
+    if not cfg:
+        if os.path.isfile(tag):
+            raise ClipWeightsError(f"`pretrained: {tag}` is a file, not an open_clip tag",
+                                   hint="put the file in `checkpoint` instead (its sha256 then enters cache keys)")
+        tags = list_tags(model)
+        raise ClipWeightsError(
+            f"open_clip has no pretrained tag `{tag}` for CLIP model `{model}`",
+            hint=(f"known tags: {', '.join(tags)}; or " if tags else "") + _checkpoint_hint(model))
+    if cfg.get("file"):
+        return PretrainedFile(Path(cfg["file"]))
+    hub = _hub_files(cfg)
+    if hub is not None:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, names = hub
+        for name in names:
+            found = try_to_load_from_cache(repo, name)
+            if isinstance(found, str) and os.path.isfile(found):
+                path = Path(found)
+                return PretrainedFile(path, repo, name, path.parent.name)
+        raise ClipWeightsError(
+            f"the `{tag}` weights of CLIP model `{model}` are not in the local Hugging Face cache "
+            f"(looked for {' or '.join(f'`{repo}/{n}`' for n in names)} in {_hub_cache()})",
+            hint=_offline_hint(model, tag, repo, names[0]))
+    url = cfg.get("url") or ""
+    path = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+    if url and path.is_file():
+        return PretrainedFile(path)
+    raise ClipWeightsError(f"the `{tag}` weights of CLIP model `{model}` are not in open_clip's cache ({path})",
+                           hint=_offline_hint(model, tag))
+
+
+def check_weights(spec: ClipSpec, spec_dir: Path | None = None) -> None:
+    """Refuse, before anything runs, a CLIP whose weights cannot be found: no weights named (and none
+    shipped), an unknown tag, a tag not in the local cache, a missing checkpoint file; and an unknown
+    model. Pure (no torch, no weights loaded); raises :class:`ClipWeightsError` naming the field at fault."""
+    _check_spec(spec)
+    try:
+        _model_config(spec.model)
+    except ModelError as exc:
+        raise ClipWeightsError(exc.message, exc.hint, field="model") from None
+    if spec.checkpoint:
+        path = Path(spec.checkpoint).expanduser()
+        path = path if path.is_absolute() or spec_dir is None else spec_dir / path
+        if not path.is_file():
+            raise ClipWeightsError(f"no CLIP checkpoint file `{spec.checkpoint}` ({path})",
+                                   hint="the checkpoint path is relative to the spec file; "
+                                   + _checkpoint_hint(spec.model),
+                                   field="checkpoint")
+        return
+    if is_random(spec) or _shipped_weights(spec) is not None:
+        return
+    if not spec.pretrained:
+        raise ClipWeightsError(f"CLIP `{spec.model}` has no weights: no `pretrained` tag, no `checkpoint`",
+                               hint=_no_weights_hint(spec.model))
+    find_pretrained(spec.model, spec.pretrained)
+
+
+# ---------------------------------------------------------------------------------------------
 # identity
 
 
@@ -157,44 +382,23 @@ def _checkpoint_path(spec: ClipSpec) -> Path:
 
 def _check_spec(spec: ClipSpec) -> None:
     if not spec.model:
-        raise ModelError("no CLIP model named", hint="set `model`, e.g. `ViT-B-32`")
+        raise ClipWeightsError("no CLIP model named", hint="set `model`, e.g. `ViT-B-32`", field="model")
     if spec.pretrained and spec.checkpoint:
-        raise ModelError(
+        raise ClipWeightsError(
             f"CLIP `{spec.model}` has both `pretrained: {spec.pretrained}` and `checkpoint: {spec.checkpoint}`",
             hint="give one: a pretrained tag, or a local checkpoint file",
+            field="checkpoint",
         )
 
 
-def _sha256_file(path: Path) -> str:
-    from ..store.hashing import sha256_file
-
-    return sha256_file(path)
-
-
-_RACY_NS = 2_000_000_000  # a file changed this recently may change again within one mtime tick
-
-
 def _checkpoint_sha256(path: Path) -> str:
-    """sha256 of ``path``, reusing caspec's digest cache (keyed by path, size and mtime_ns).
-
-    Files modified in the last two seconds are always hashed afresh and never cached: file times are
-    coarser than a nanosecond, so a quick rewrite of the same size could keep its mtime (git's "racy" case).
-    """
-    import time
-
-    from ..models.load import DIGESTS_FILE, _read_digests, _write_digests
+    """sha256 of ``path`` through caspec's digest cache (by path, size and mtime; files changed in the last
+    two seconds are hashed afresh: :func:`caspec.store.hashing.cached_sha256`)."""
+    from ..models.load import DIGESTS_FILE
     from ..models.tiny import cache_root
+    from ..store.hashing import cached_sha256
 
-    st = path.stat()
-    key = str(path.resolve())
-    cache_file = cache_root() / DIGESTS_FILE
-    entry = _read_digests(cache_file).get(key)
-    if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
-        return str(entry["sha256"])
-    digest = _sha256_file(path)
-    if time.time_ns() - st.st_mtime_ns > _RACY_NS:
-        _write_digests(cache_file, {key: {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}})
-    return digest
+    return cached_sha256(path, cache_root() / DIGESTS_FILE)
 
 
 def _open_clip_version() -> str:
@@ -204,25 +408,69 @@ def _open_clip_version() -> str:
         return "unknown"
 
 
-def clip_identity(spec: ClipSpec) -> dict[str, Any]:
+def clip_identity(spec: ClipSpec, hash_checkpoint: bool = True) -> dict[str, Any]:
     """What decides the embeddings of ``spec``, for cache keys. Pure: loads no weights, imports no torch.
 
-    Model name, the sha256 of its architecture config, the pretrained tag, the checkpoint's sha256
-    (cached by path, size and mtime), the seed of random weights when there are none, open_clip's version.
+    Model name, the sha256 of its architecture config, the pretrained tag with the hub repo, file and
+    snapshot commit it resolves to in the local cache, the checkpoint's sha256 (cached by path, size and
+    mtime), the seed of random weights, open_clip's version. Weights that cannot be found raise
+    :class:`ClipWeightsError` (see :func:`check_weights`). ``hash_checkpoint=False`` leaves a ``checkpoint``
+    file out (a step hashes it as one of its input files; its path may be relative to the spec).
     """
-    _check_spec(spec)
+    if spec.checkpoint and not hash_checkpoint:
+        _check_spec(spec)
+        _model_config(spec.model)
+    else:
+        check_weights(spec)
     cfg = _model_config(spec.model)
     ident: dict[str, Any] = {
         "model": spec.model,
         "config_sha256": hashlib.sha256(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()).hexdigest(),
-        "pretrained": spec.pretrained or None,
+        "pretrained": RANDOM if is_random(spec) else (spec.pretrained or None),
         "checkpoint_sha256": (_checkpoint_sha256(_checkpoint_path(spec))
-                              if spec.checkpoint or _shipped_weights(spec) else None),
+                              if (spec.checkpoint and hash_checkpoint) or _shipped_weights(spec) else None),
         "open_clip": _open_clip_version(),
     }
-    if not spec.pretrained and not spec.checkpoint and not _shipped_weights(spec):
+    if spec.checkpoint and not hash_checkpoint:
+        del ident["checkpoint_sha256"]
+    if spec.pretrained and not is_random(spec) and not spec.checkpoint:
+        found = find_pretrained(spec.model, spec.pretrained)
+        ident["weights"] = ({"repo": found.repo, "file": found.filename, "revision": found.revision}
+                            if found.repo else {"sha256": _checkpoint_sha256(found.path)})
+    if is_random(spec):
         ident["init_seed"] = INIT_SEED
+        ident["random_weights"] = True
     return ident
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP in steps (select by clip, eval)
+
+
+def step_clip_params(settings: Any, base: str | None) -> dict[str, Any]:
+    """The CLIP part of a step's cache key, from its `clip` settings (``model``, ``pretrained``,
+    ``checkpoint``) and the spec's diffusion model ``base`` (see :func:`for_spec`): model, tag, whether a
+    checkpoint is used (the step hashes that file as an input) and :func:`clip_identity` (which finds the
+    weights, or raises :class:`ClipWeightsError`)."""
+    cs = for_spec(settings.model, settings.pretrained, settings.checkpoint, base)
+    return {"model": cs.model, "pretrained": cs.pretrained, "checkpoint": bool(cs.checkpoint),
+            "clip": clip_identity(cs, hash_checkpoint=False)}
+
+
+def weights_info(model: str, pretrained: str | None) -> dict[str, Any]:
+    """What a step's outputs say about its CLIP's weights: ``random_weights``, and a ``warning`` for random ones."""
+    spec = ClipSpec(model, pretrained)
+    note = weights_note(spec)
+    return {"random_weights": is_random(spec), **({"warning": note} if note else {})}
+
+
+def load_step_clip(params: dict[str, Any], checkpoint: Path | None, model: Any) -> Clip:
+    """A step's CLIP (``params`` from :func:`step_clip_params`; ``checkpoint``: the resolved input file),
+    on the device the spec's diffusion model ``model`` runs on: CUDA when that is on CUDA."""
+    from ..models.load import resolve_device
+
+    spec = ClipSpec(params["model"], params["pretrained"], str(checkpoint) if checkpoint else None)
+    return load_clip(spec, device=resolve_device(model))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,52 +599,51 @@ def _quiet_random_init() -> Iterator[None]:
         root.removeFilter(keep)
 
 
+def _preprocess_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The image preprocessing a pretrained tag was trained with (what open_clip merges from its config)."""
+    keys = {"mean": "image_mean", "std": "image_std", "interpolation": "image_interpolation",
+            "resize_mode": "image_resize_mode"}
+    return {arg: cfg[k] for k, arg in keys.items() if cfg.get(k) is not None}
+
+
+def _weights_file(spec: ClipSpec) -> tuple[Path | None, dict[str, Any]]:
+    """(file to load into the model, create_model_and_transforms kwargs) for ``spec``."""
+    if spec.checkpoint or _shipped_weights(spec):
+        return _checkpoint_path(spec), {"pretrained_text": False}
+    if is_random(spec):
+        return None, {"pretrained_text": False}  # random init: no base text-tower download
+    assert spec.pretrained
+    cfg = pretrained_cfg(spec.model, spec.pretrained)
+    found = find_pretrained(spec.model, spec.pretrained)
+    kwargs = {"pretrained_text": False, "force_quick_gelu": bool(cfg.get("quick_gelu", False)),
+              **_preprocess_overrides(cfg)}
+    return found.path, kwargs
+
+
 def _load(spec: ClipSpec, device: str) -> Clip:
-    identity = clip_identity(spec)  # validates the name and the checkpoint path first (cheap errors)
+    identity = clip_identity(spec)  # validates the name and finds the weights first (cheap errors)
+    path, kwargs = _weights_file(spec)
     oc = register_configs()
     import torch
 
     name = spec.model.replace("/", "-")
-    kwargs: dict[str, Any] = {}
-    if spec.pretrained:
-        tag_cfg = oc.pretrained.get_pretrained_cfg(name, spec.pretrained)
-        if not tag_cfg:
-            if os.path.isfile(spec.pretrained):
-                raise ModelError(f"`pretrained: {spec.pretrained}` is a file, not an open_clip tag",
-                                 hint="put the file in `checkpoint` instead (its sha256 then enters cache keys)")
-            tags = oc.list_pretrained_tags_by_model(name)
-            raise ModelError(
-                f"open_clip has no pretrained tag `{spec.pretrained}` for CLIP model `{spec.model}`",
-                hint=(f"known tags: {', '.join(tags)}; or " if tags else "") + _checkpoint_hint(spec.model),
-            )
-        kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))  # as the weights were trained
-    else:
-        kwargs["pretrained_text"] = False  # random init / checkpoint: no base text-tower download
-
     try:
         with torch.random.fork_rng(devices=[]), _quiet_random_init():  # a fixed seed; the caller's RNG untouched
             torch.manual_seed(INIT_SEED)
-            model, _, preprocess = oc.create_model_and_transforms(
-                name, pretrained=spec.pretrained or None, device="cpu", **kwargs)
+            model, _, preprocess = oc.create_model_and_transforms(name, pretrained=None, device="cpu", **kwargs)
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes one error with a hint
-        if spec.pretrained:
-            raise ModelError(
-                f"cannot load the `{spec.pretrained}` weights of CLIP model `{spec.model}` "
-                f"(not in the local cache, or no network): {_first_line(exc)}",
-                hint=_offline_hint(name, spec.pretrained),
-            ) from exc
         raise ModelError(f"cannot build CLIP model `{spec.model}`: {_first_line(exc)}",
                          hint=_checkpoint_hint(spec.model)) from exc
 
-    if spec.checkpoint or _shipped_weights(spec):
-        path = _checkpoint_path(spec)
+    if path is not None:
         try:
             oc.load_checkpoint(model, str(path), strict=True, weights_only=True, device="cpu")
         except Exception as exc:  # noqa: BLE001
+            what = f"checkpoint `{spec.checkpoint}`" if spec.checkpoint else f"weights `{spec.pretrained or path}` ({path})"
             raise ModelError(
-                f"cannot load CLIP checkpoint `{spec.checkpoint}` into `{spec.model}`: {_first_line(exc)}",
+                f"cannot load CLIP {what} into `{spec.model}`: {_first_line(exc)}",
                 hint=f"the file must hold a state dict of open_clip's `{spec.model}` (same architecture); "
                 + _checkpoint_hint(spec.model),
             ) from exc
@@ -412,6 +659,8 @@ def _load(spec: ClipSpec, device: str) -> Clip:
 
 
 __all__ = [
-    "ClipSpec", "Clip", "load_clip", "clear_clip_cache", "clip_identity", "register_configs",
-    "TINY_CLIP", "TOY_CLIP", "INIT_SEED", "CONFIG_DIR",
+    "ClipSpec", "Clip", "ClipWeightsError", "PretrainedFile", "load_clip", "clear_clip_cache", "clip_identity",
+    "check_weights", "find_pretrained", "pretrained_cfg", "pretrained_table", "list_tags", "for_spec", "is_random",
+    "weights_note", "step_clip_params", "weights_info", "load_step_clip", "register_configs", "TINY_CLIP", "TOY_CLIP",
+    "INIT_SEED", "RANDOM", "CONFIG_DIR", "EMBEDDED_MODELS",
 ]

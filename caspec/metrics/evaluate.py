@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..fsutil import atomic_write_bytes, atomic_write_text
-from .clip import Clip
+from .clip import Clip, weights_info
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -127,7 +127,8 @@ def evaluate(clip: Clip, groups: Mapping[str, Sequence[tuple["Image.Image", str]
     """Score each group of (image, prompt) pairs: mean prompt consistency, identity consistency, n.
 
     Returns ``{"groups": {name: {"prompt_consistency", "identity_consistency", "n"}}, "clip": identity}``
-    (JSON-serialisable; a metric that cannot be computed, e.g. identity for one image, is None).
+    (JSON-serialisable; a metric that cannot be computed, e.g. identity for one image, is None); ``clip``
+    says ``random_weights`` and, for random ones, carries a ``warning``.
     All images are embedded in one batched pass, and each distinct prompt once.
     """
     describe = describe or {}
@@ -159,7 +160,7 @@ def evaluate(clip: Clip, groups: Mapping[str, Sequence[tuple["Image.Image", str]
             "identity_consistency": _pairwise_mean(img[a:b]) if n >= 2 else None,
             "n": n,
         }
-    return {"groups": out, "clip": dict(clip.identity)}
+    return {"groups": out, "clip": {**clip.identity, **weights_info(clip.spec.model, clip.spec.pretrained)}}
 
 
 def save_result(result: Mapping[str, Any], path: str | Path) -> Path:
@@ -193,8 +194,8 @@ def plot(result: Mapping[str, Any], path: str | Path, *, title: str | None = Non
     ax.set_xlabel("prompt consistency (CLIP text-image cosine)")
     ax.set_ylabel("identity consistency (CLIP image-image cosine)")
     clip = result.get("clip") or {}
-    ax.set_title(title or f"CLIP {clip.get('model', '?')}" + (f" / {clip['pretrained']}" if clip.get("pretrained") else ""),
-                 fontsize=10)
+    heading = plot_title(clip) if title is None else title + (" (RANDOM CLIP weights)" if clip.get("random_weights") else "")
+    ax.set_title(heading, fontsize=10, color="#b00" if clip.get("random_weights") else "black")
     ax.grid(True, alpha=0.3)
     if drawn:
         ax.margins(0.25)
@@ -206,6 +207,13 @@ def plot(result: Mapping[str, Any], path: str | Path, *, title: str | None = Non
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def plot_title(clip: Mapping[str, Any]) -> str:
+    """``CLIP <model> / <tag>``, saying so loudly when the weights are random."""
+    if clip.get("random_weights"):
+        return f"CLIP {clip.get('model', '?')} with RANDOM weights: meaningless scores"
+    return f"CLIP {clip.get('model', '?')}" + (f" / {clip['pretrained']}" if clip.get("pretrained") else "")
 
 
 def _fmt(v: float) -> str:
@@ -248,5 +256,5 @@ def check_thresholds(result: Mapping[str, Any], thresholds: Mapping[str, float])
 
 __all__ = [
     "METRICS", "prompt_consistency", "identity_consistency", "plain_prompt", "evaluate", "save_result",
-    "plot", "check_thresholds",
+    "plot", "plot_title", "check_thresholds",
 ]

@@ -5,6 +5,11 @@ replaced by the user's plain words (`describe`). Identity consistency: mean pair
 cosine among the images of one concept (every image whose prompt used that asset). Writes `eval.json` and
 `plot.png` (x: prompt consistency, y: identity consistency, one point per concept, as the paper's Fig. 5);
 fails the step when a metric is below a threshold the spec sets, so CI can gate an asset build on quality.
+
+The CLIP runs on the device of the spec's diffusion model. Its weights must be found before anything runs
+(see :func:`caspec.metrics.clip.check_weights`); random ones (`pretrained: random`, or the default with the
+embedded `tiny` model) are written into `eval.json` (``clip.random_weights``, ``clip.warning``) and the
+plot's title.
 """
 from __future__ import annotations
 
@@ -13,19 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StepFailed
+from ..metrics.clip import load_step_clip, step_clip_params
 from .base import Op, RunContext
 
 
 class EvalOp(Op):
     KIND = "eval"
-    VERSION = 1
+    VERSION = 2  # 2: eval.json and the plot say when the CLIP has random weights; CLIP on the model's device
     USES_MODEL = False
 
     def params(self, step: Any, spec: Any) -> dict[str, Any]:
-        import importlib.metadata
-
-        return {"describe": dict(step.describe), "clip": {"model": step.clip.model, "pretrained": step.clip.pretrained,
-                                                          "open_clip": importlib.metadata.version("open_clip_torch")},
+        return {"describe": dict(step.describe), "clip": step_clip_params(step.clip, spec.model.base),
                 "min_prompt_consistency": step.min_prompt_consistency,
                 "min_identity_consistency": step.min_identity_consistency}
 
@@ -38,7 +41,6 @@ class EvalOp(Op):
     def run(self, ctx: RunContext) -> dict[str, Any]:
         from PIL import Image
 
-        from ..metrics.clip import ClipSpec, load_clip
         from ..metrics.evaluate import check_thresholds, evaluate, plot
 
         p = ctx.params
@@ -52,8 +54,7 @@ class EvalOp(Op):
         if not groups:
             raise StepFailed(ctx.step_id, "no composed image uses a concept asset, so there is nothing to measure",
                              hint="evaluate compose steps whose prompts use pseudo-words")
-        checkpoint = ctx.inputs.get("clip_checkpoint")
-        clip = load_clip(ClipSpec(p["clip"]["model"], p["clip"]["pretrained"], str(checkpoint) if checkpoint else None))
+        clip = load_step_clip(p["clip"], ctx.inputs.get("clip_checkpoint"), ctx.model)
         try:
             result = evaluate(clip, groups, p["describe"])
         except ValueError as exc:

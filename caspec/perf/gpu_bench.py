@@ -874,6 +874,7 @@ def bench_e2e(models: Models, s: BenchSettings, work: Path, label: str) -> dict[
     from ..metrics.clip import ClipSpec, load_clip
     from ..models.sampling import default_batch_size, sdedit
     from ..ops.images import pixel_digest
+    from ..metrics.edit_score import score_candidate
     from ..ops.select_clip import Settings, decide
     from ..ops.seeds import derive_seed
     from ..train import TrainConfig, train_concept
@@ -901,14 +902,14 @@ def bench_e2e(models: Models, s: BenchSettings, work: Path, label: str) -> dict[
     parts["sdedit_s"] = clock() - t0
 
     t0 = clock()
-    clip = load_clip(ClipSpec(s.clip_model), device=str(dev))
+    clip = load_clip(ClipSpec(s.clip_model, pretrained="random"), device=str(dev))  # timing only: random weights
     emb = clip.embed_images(list(candidates) + [root])
     cand, src = emb[:n], emb[n]
     uniq = sorted(set(prompts))
     text_emb = clip.embed_texts(uniq)
-    text = [float(cand[i] @ text_emb[uniq.index(prompts[i])]) for i in range(n)]
-    identity = [float(cand[i] @ src) for i in range(n)]
-    decision = decide(text, identity, (cand @ cand.T).tolist(), Settings(count=s.e2e_keep),
+    scores = [score_candidate(cand[i], source=src, prompt=text_emb[uniq.index(prompts[i])]) for i in range(n)]
+    decision = decide(scores, (cand @ cand.T).tolist(), Settings(count=s.e2e_keep, min_direction=None,
+                                                                  min_relative_direction=None),
                       [f"s0-p{i}-c0" for i in range(n)])
     if decision.problem:
         raise RuntimeError(f"CLIP selection: {decision.problem}")

@@ -9,7 +9,7 @@ import click
 
 from ..errors import UsageError
 from ..exec.runner import UpstreamView, out_dir_for
-from ..ops.select_manual import _count_problem, sync_manifest
+from ..ops.selection import count_problem, sync_manifest
 from ..plan.graph import make_plan
 from .manifest import match_ids, sheet_path, write_contact_sheet, write_manifest
 
@@ -50,7 +50,7 @@ def review_step(loaded: Any, store: Any, step_id: str, *, keep: list[str], rejec
     write_contact_sheet(m)
     kept = m.kept()
     click.echo(f"{step_id}: {len(kept)} of {len(m.candidates)} kept: {', '.join(c.id for c in kept) or '-'}")
-    problem = _count_problem(len(kept), node.step.count)
+    problem = count_problem(len(kept), node.step.count)
     rel = os.path.relpath(path)
     if problem:
         click.echo(f"review: {problem} in `{rel}` (contact sheet: `{os.path.relpath(sheet_path(path))}`)", err=True)

@@ -8,8 +8,8 @@ with a recipe: entries with an ``id`` and ``keep`` but no ``digest`` are resolve
 
 A ``select`` step with ``by: clip`` writes the same format with ``keep`` already decided, each
 candidate's CLIP ``scores``, and a top-level ``auto`` block recording the automatic decision
-(``auto.keep``: the sorted digests CLIP kept). A ``keep`` set that differs from ``auto.keep`` is a
-person's override.
+(``auto.keep``: the sorted digests CLIP kept; ``auto.warning`` when the CLIP has random weights, also shown
+on the contact sheet). A ``keep`` set that differs from ``auto.keep`` is a person's override.
 """
 from __future__ import annotations
 
@@ -159,13 +159,16 @@ def write_contact_sheet(m: Manifest) -> Path:
         prompt = html.escape(str(c.meta.get("prompt", "")))
         scores = c.meta.get("scores")
         if isinstance(scores, dict):  # automatic selection: its scores and why
-            shown = " · ".join(f"{k} {scores[k]}" for k in ("score", "text", "identity") if scores.get(k) is not None)
+            shown = " · ".join(f"{k} {scores[k]}" for k in ("score", "direction", "text_gain", "text", "identity")
+                               if scores.get(k) is not None)
             prompt += f"<br><small>{html.escape(shown)}<br>{html.escape(str(scores.get('why', '')))}</small>"
         cells.append(f'<figure style="margin:6px;width:200px"><img src="{html.escape(c.image)}" '
                      f'style="width:192px;image-rendering:pixelated;border:{border}"><figcaption>'
                      f'<b>{cap}</b><br><small>{prompt}</small></figcaption></figure>')
     page = (f"<!doctype html><meta charset=utf-8><title>review {html.escape(m.spec)}/{html.escape(m.step)}</title>"
             f"<body style='font-family:sans-serif'><h1>Review `{html.escape(m.step)}` of `{html.escape(m.spec)}`</h1>"
+            + (f"<p style='color:#b00'><b>{html.escape(str(m.auto['warning']))}</b></p>"
+               if m.auto is not None and m.auto.get("warning") else "")
             + (f"<p>Decided by CLIP (kept ones outlined); change <code>keep</code> in "
                f"<code>{html.escape(m.path.name)}</code> to override, then re-run <code>caspec run</code>.</p>"
                if m.auto is not None else

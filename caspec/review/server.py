@@ -40,7 +40,7 @@ from filelock import FileLock, Timeout
 
 from ..errors import CaspecError, UsageError
 from ..exec.runner import UpstreamView, out_dir_for
-from ..ops.select_manual import _count_problem, sync_manifest
+from ..ops.selection import count_problem, sync_manifest
 from ..plan.graph import CACHED, make_plan
 from .manifest import Manifest, read_manifest, sheet_path, write_contact_sheet, write_manifest
 
@@ -234,7 +234,7 @@ class ReviewApp:
                                "source_prompt": root_prompts.get(src) if src else None, "ids": []})
             groups[index[gkey]]["ids"].append(c.id)
         kept = len(m.kept())
-        problem = _count_problem(kept, node.step.count)
+        problem = count_problem(kept, node.step.count)
         return {**base, "state": "ready" if not problem else "waiting", "candidates": cands, "groups": groups,
                 "kept": kept, "problem": problem, "revision": _revision(path),
                 "sheet_url": self.url_for(sheet_path(path)) if sheet_path(path).exists() else None}  # None outside the roots

@@ -1074,17 +1074,25 @@ def _check_export_eval(spec: Spec, src: _Source, spec_dir: Path) -> list[Problem
             if ref not in spec.compose:
                 hint = _did_you_mean(ref, list(spec.compose)) or f"compose steps: {_ticks(list(spec.compose)) or 'none'}"
                 problems.append(src.problem(("eval", sid, "from", i), f"`{ref}` is not a `compose` step", hint))
-        problems += _check_checkpoint(src, ("eval", sid, "clip", "checkpoint"), step.clip.checkpoint, spec_dir)
-    for sid, step in spec.select.items():
-        if step.clip is not None:
-            problems += _check_checkpoint(src, ("select", sid, "clip", "checkpoint"), step.clip.checkpoint, spec_dir)
+    return problems + _check_clips(spec, src, spec_dir)
+
+
+def _check_clips(spec: Spec, src: _Source, spec_dir: Path) -> list[Problem]:
+    """Every CLIP (`select` by clip, `eval`) has weights that can be found, before anything runs: a tag
+    whose weights are in the local cache, a checkpoint file, weights caspec ships, or random weights only
+    where asked for by name (`pretrained: random`) or where the model is `tiny`/`toy`. Pure: no torch."""
+    from ..metrics.clip import ClipWeightsError, check_weights, for_spec
+    from .models import ClipSelect
+
+    steps = [(("eval", sid), step.clip) for sid, step in spec.eval.items()]
+    steps += [(("select", sid), step.clip or ClipSelect()) for sid, step in spec.select.items() if step.by == "clip"]
+    problems = []
+    for where, clip in steps:
+        try:
+            check_weights(for_spec(clip.model, clip.pretrained, clip.checkpoint, spec.model.base), spec_dir)
+        except ClipWeightsError as exc:
+            problems.append(src.problem((*where, "clip", exc.field), exc.message, exc.hint))
     return problems
-
-
-def _check_checkpoint(src: _Source, path: tuple, checkpoint: str | None, spec_dir: Path) -> list[Problem]:
-    if checkpoint is None or (spec_dir / checkpoint).is_file():
-        return []
-    return [src.problem(path, f"no file `{checkpoint}`", "the checkpoint path is relative to the spec file")]
 
 
 def _a(word: str) -> str:

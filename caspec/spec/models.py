@@ -99,15 +99,26 @@ class EditStep(Sampling):
 
 
 TOY_CLIP_MODEL = "caspec-toy-clip"
+TINY_CLIP_MODEL = "caspec-tiny-clip"
+DEFAULT_CLIP = {"toy": TOY_CLIP_MODEL, "tiny": TINY_CLIP_MODEL}
+"""CLIP model of `select: by: clip` and `eval` when none is named, per embedded diffusion model (others: ViT-B-32)."""
+_CLIP_MODEL_HELP = ("open_clip model name; default `ViT-B-32`, or with the embedded models `caspec-toy-clip` (`model: toy`; "
+                    "shipped, trained on the shapes world) and `caspec-tiny-clip` (`model: tiny`; random weights, for "
+                    "offline tests).")
+_PRETRAINED_HELP = ("open_clip pretrained tag, e.g. `laion2b_s34b_b79k`: its weights must be in the local Hugging Face "
+                    "cache (caspec never downloads). `random`: random weights (meaningless scores; outputs say so). "
+                    "With a model other than `tiny`/`toy`, a CLIP without `pretrained` or `checkpoint` is an error.")
 
 
 class ClipSelect(_Model):
     """Automatic selection by CLIP scores, standing in for the person (for CI and batch production)."""
 
-    model: str = Field("ViT-B-32", min_length=1, description="open_clip model name; default `ViT-B-32`, or `caspec-toy-clip` (shipped, trained on the shapes world) when the spec's model is `toy` (`caspec-tiny-clip`: random weights, for offline tests).")
-    pretrained: str | None = Field(None, description="open_clip pretrained tag (its weights must be in the local cache).")
-    checkpoint: str | None = Field(None, description="Local CLIP checkpoint file, relative to the spec (hashed into the key).")
-    min_text: float | None = Field(None, ge=-1, le=1, description="Keep only candidates whose CLIP text-image similarity to their own prompt is at least this (does the edit show?).")
+    model: str = Field("ViT-B-32", min_length=1, description=_CLIP_MODEL_HELP)
+    pretrained: str | None = Field(None, min_length=1, description=_PRETRAINED_HELP)
+    checkpoint: str | None = Field(None, min_length=1, description="Local CLIP checkpoint file, relative to the spec (hashed into the key).")
+    min_direction: float | None = Field(0.0, ge=-1, le=1, description="Edit candidates: keep only those whose CLIP directional similarity (the image's change from its source against the text's change from the source's prompt) exceeds this (does the asked-for change show?). Default 0: the image moved towards the edit, not away. `null` turns it off.")
+    min_relative_direction: float | None = Field(0.6, ge=0, le=1, description="Edit candidates: keep only those whose directional similarity is at least this fraction of the best among the candidates of the same source image (the score normalised within a source: an edit that barely shows loses to those that show). `null` turns it off.")
+    min_text: float | None = Field(None, ge=-1, le=1, description="Keep only candidates whose CLIP text-image similarity to their own prompt is at least this (does the prompt show?).")
     min_identity: float | None = Field(None, ge=-1, le=1, description="Keep only candidates whose image-image similarity to their source image is at least this (is the rest preserved?).")
     max_identity: float | None = Field(None, ge=-1, le=1, description="Keep only candidates at most this similar to their source (did anything change?).")
     max_duplicate: float | None = Field(None, ge=-1, le=1, description="Drop a candidate more similar than this to a better-ranked kept one (diversity).")
@@ -221,12 +232,12 @@ class ExportStep(_Model):
 
 
 class ClipModel(_Model):
-    """The CLIP model used for metrics: an open_clip model name with a pretrained tag or a local checkpoint
-    (offline, neither: random weights from the config, for tests only)."""
+    """The CLIP model used for metrics: an open_clip model name with a pretrained tag (weights in the local
+    cache) or a local checkpoint; `pretrained: random` for random weights (tests only)."""
 
-    model: str = Field("ViT-B-32", min_length=1, description="open_clip model name; default `ViT-B-32`, or `caspec-toy-clip` (shipped, trained on the shapes world) when the spec's model is `toy`.")
-    pretrained: str | None = Field(None, description="open_clip pretrained tag (its weights must be in the local cache).")
-    checkpoint: str | None = Field(None, description="Path of a local checkpoint file, relative to the spec (hashed into the key).")
+    model: str = Field("ViT-B-32", min_length=1, description=_CLIP_MODEL_HELP)
+    pretrained: str | None = Field(None, min_length=1, description=_PRETRAINED_HELP)
+    checkpoint: str | None = Field(None, min_length=1, description="Path of a local checkpoint file, relative to the spec (hashed into the key).")
 
 
 class EvalStep(_Model):
@@ -278,13 +289,13 @@ class Spec(_Model):
 
     @model_validator(mode="before")
     @classmethod
-    def _toy_clip_default(cls, data: Any) -> Any:
-        """With `model: toy`, CLIP settings that name no model mean the toy CLIP trained on the same world."""
+    def _embedded_clip_default(cls, data: Any) -> Any:
+        """With an embedded model (`toy`, `tiny`), CLIP settings that name no model mean its CLIP (DEFAULT_CLIP)."""
         if not isinstance(data, dict):
             return data
         model = data.get("model")
-        base = model.get("base") if isinstance(model, dict) else model
-        if base != "toy":
+        base = model.get("base", "tiny") if isinstance(model, dict) else (model or "tiny")
+        if not isinstance(base, str) or base not in DEFAULT_CLIP:  # a bad `model` is reported by validation
             return data
         data = dict(data)
         for section in ("select", "eval"):
@@ -299,7 +310,7 @@ class Spec(_Model):
                 if clip is None:
                     clip = {}
                 if isinstance(clip, dict) and "model" not in clip:
-                    steps[sid] = {**step, "clip": {**clip, "model": TOY_CLIP_MODEL}}
+                    steps[sid] = {**step, "clip": {**clip, "model": DEFAULT_CLIP[base]}}
             data[section] = steps
         return data
 
