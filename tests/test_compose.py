@@ -156,3 +156,45 @@ def test_asset_from_another_base_model_is_refused(tmp_path, library):
     outcome = summary.outcomes["story"]
     assert outcome.status == "failed"
     assert "runwayml/sd15" in outcome.message and "`tiny`" in outcome.message
+    assert "kind: hub vs tiny" in outcome.message  # says what differs
+    assert "identities differ" not in outcome.message
+
+
+def test_asset_trained_in_fp32_composes_in_bf16(tmp_path, library):
+    """Compatibility is the identity of the weights: the library was trained with dtype fp32 (CPU),
+    this step runs the same tiny weights in bf16."""
+    card = yaml.safe_load((library / "robot" / "card.yaml").read_text())
+    assert card["base_model"]["identity"]["dtype"] == "fp32"
+    spec = write_spec(tmp_path, library)
+    spec.write_text(spec.read_text().replace("name: comp\n", "name: comp\nmodel: {base: tiny, dtype: bf16}\n"))
+    summary = run(load_spec(spec), LocalStore(tmp_path / ".caspec"))
+    assert summary.exit_code == 0, summary.outcomes["story"].message
+    assert len(list((tmp_path / "out" / "comp" / "story").glob("*.png"))) == 3
+
+
+def test_asset_from_other_tiny_weights_is_refused_saying_what_differs(tmp_path, library):
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in (library / "robot").iterdir():
+        if f.is_file():
+            (other / f.name).write_bytes(f.read_bytes())
+    card = yaml.safe_load((other / "card.yaml").read_text())
+    card["base_model"]["identity"] = {**card["base_model"]["identity"], "seed": 1, "dtype": "bf16"}
+    (other / "card.yaml").write_text(yaml.safe_dump(card))
+    spec = write_spec(tmp_path, library, a="./other")
+    outcome = run(load_spec(spec), LocalStore(tmp_path / ".caspec")).outcomes["story"]
+    assert outcome.status == "failed"
+    assert "`./other`" in outcome.message and "seed: 1 vs 20240229" in outcome.message
+    assert "dtype" not in outcome.message  # the dtype is no part of the weights
+
+
+def test_a_prompt_that_would_cut_off_a_pseudo_word_fails_at_its_position(tmp_path, library):
+    """Truncated silently, `<style1>` would lose its embedding while its asset still got LoRA 0.5."""
+    spec = write_spec(tmp_path, library)
+    long = "a <robot1> " + "very " * 73 + "in <style1>"
+    spec.write_text(spec.read_text().replace('"a <robot1> in <style1>"', f'"{long}"'))
+    outcome = run(load_spec(spec), LocalStore(tmp_path / ".caspec")).outcomes["story"]
+    assert outcome.status == "failed"
+    assert f"{spec}:8:" in outcome.message and "compose.story.prompts[0]" in outcome.message
+    assert "`<style1>` would be cut off" in outcome.message and "`<robot1>`" not in outcome.message
+    assert "shorten it" in outcome.hint

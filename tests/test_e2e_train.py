@@ -16,6 +16,7 @@ import yaml
 from click.testing import CliRunner
 
 from caspec.cli import main
+from caspec.store.local import LocalStore
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +53,8 @@ def test_train_demo_end_to_end(tmp_path):
     assert card["captions"][2] == "a photo of <dance1> <robot3>"
     assert card["base_model"]["base"] == "tiny" and card["base_model"]["identity"]["kind"] == "tiny"
     assert card["training"]["phase1_steps"] == 40 and card["training"]["phase2_steps"] == 40
+    assert card["run"] == {"checkpoint_every": 20, "preview_every": 0}  # not in the key, recorded here
+    assert "checkpoint_every" not in card["training"]
     assert len(card["training_images"]["images"]) == 3
     assert all(len(img["digest"]) == 64 for img in card["training_images"]["images"])
     assert set(card["libraries"]) >= {"torch", "diffusers", "transformers", "peft"}
@@ -82,8 +85,8 @@ def test_unknown_lora_target_fails_naming_the_field(tmp_path):
     assert "Traceback" not in err
 
 
-def _files(folder: Path) -> dict[str, bytes]:
-    return {n: (folder / n).read_bytes() for n in ("embeddings.safetensors", "lora.safetensors")}
+def _files(folder: Path, extra: tuple[str, ...] = ()) -> dict[str, bytes]:
+    return {n: (folder / n).read_bytes() for n in ("embeddings.safetensors", "lora.safetensors", *extra)}
 
 
 def test_killed_training_resumes_and_matches_uninterrupted(tmp_path):
@@ -108,7 +111,25 @@ def test_killed_training_resumes_and_matches_uninterrupted(tmp_path):
     code, _, err = cli("run", str(spec))
     assert code == 0, err
     asset = spec.parent / "out" / "train-demo" / "dancing-robot"
-    card = yaml.safe_load((asset / "card.yaml").read_text())
-    assert card["result"]["resumed_from"], "the second run should resume from the checkpoint"
-    assert _files(asset) == _files(straight.parent / "out" / "train-demo" / "dancing-robot")
+    [record] = [r for r in LocalStore(spec.parent / ".caspec").records() if r.kind == "train"]
+    assert record.meta["run"]["resumed_from"], "the second run should resume from the checkpoint"
+    # the whole asset, card and loss log included, is the same bytes: how the run went (time, resumption)
+    # is in the record's meta, so a resumed training also keeps downstream steps cached (early cutoff)
+    names = ("card.yaml", "loss.jsonl")
+    assert _files(asset, names) == _files(straight.parent / "out" / "train-demo" / "dancing-robot", names)
     assert not any(ckpts.iterdir())  # checkpoints are dropped once the asset is committed
+
+
+def test_forced_retraining_with_the_same_weights_keeps_compose_cached(tmp_path):
+    """Early cutoff through training: the asset's files hold nothing about how the run went (time,
+    resumption), so a forced retrain that makes the same weights (CPU, same threads) leaves compose cached."""
+    spec = copy_demo(tmp_path, phase1_steps=4, phase2_steps=4)
+    spec.write_text(spec.read_text() + "\ncompose:\n  story:\n    assets: [dancing-robot]\n"
+                    "    prompts: [\"a photo of <dance1> <robot1>\"]\n    images: 1\n    steps: 2\n")
+    code, _, err = cli("run", str(spec))
+    assert code == 0, err
+    code, _, err = cli("run", str(spec), "--force", "dancing-robot")
+    assert code == 0, err
+    assert "1 ran, 4 cached" in err, err  # the training ran again; compose (and the rest) stayed cached
+    [train] = [r for r in LocalStore(spec.parent / ".caspec").records() if r.kind == "train"]
+    assert train.meta["run"]["steps_run"] == 8

@@ -113,24 +113,32 @@ def test_identity_tiny_includes_dtype_not_device(tmp_path):
 
 
 def test_identity_local_folder_hashes_files_and_caches_digests(tiny_folder, tmp_path, monkeypatch, caspec_cache):
+    import time
+
+    from caspec.store import hashing as H
+
     spec_dir = tmp_path / "specs"
     spec_dir.mkdir()
     local = tmp_path / "models" / "mine"
     shutil.copytree(tiny_folder, local)
+    past = time.time_ns() - 10**10  # files at rest (digests of files changed in the last 2 s are never cached)
+    for p in local.rglob("*"):
+        os.utime(p, ns=(past, past))
     ident = L.model_identity(ModelSpec(base="../models/mine", device="cpu"), spec_dir)
     assert ident["kind"] == "local" and ident["dtype"] == "fp32"
-    assert set(ident["files"]) >= {"model_index.json", "unet/diffusion_pytorch_model.safetensors",
+    assert set(ident["files"]) >= {"unet/config.json", "unet/diffusion_pytorch_model.safetensors",
                                    "tokenizer/tokenizer_config.json"}
+    assert "model_index.json" not in ident["files"]  # caspec loads each component itself
     import hashlib
-    assert ident["files"]["model_index.json"] == hashlib.sha256((local / "model_index.json").read_bytes()).hexdigest()
+    assert ident["files"]["unet/config.json"] == hashlib.sha256((local / "unet/config.json").read_bytes()).hexdigest()
     digests = json.loads((caspec_cache / "digests.json").read_text())["files"]
-    assert str((local / "model_index.json").resolve()) in digests
+    assert str((local / "unet/config.json").resolve()) in digests
 
     # re-planning is served from the digest cache: nothing is hashed again
     def boom(path):
         raise AssertionError(f"hashed again: {path}")
 
-    monkeypatch.setattr(L, "_sha256_file", boom)
+    monkeypatch.setattr(H, "sha256_file", boom)
     assert L.model_identity(ModelSpec(base=str(local), device="cpu"), tmp_path / "elsewhere") == ident
     # an absolute path and a moved folder with the same bytes have the same identity; a changed file differs
     monkeypatch.undo()

@@ -314,3 +314,40 @@ def test_lora_only_keeps_embeddings_at_their_init(tmp_path):
     pipe2, _, _ = run(tmp_path, "both", TrainConfig(phase1_steps=0, phase2_steps=4, checkpoint_every=0, seed=7))
     table2 = pipe2.text_encoder.get_input_embeddings().weight.detach()
     assert not torch.equal(table2[new_ids[0]], table2[init_ids[0]])
+
+
+def test_resume_is_exact_with_a_bf16_base(tmp_path):
+    """LoRA parameters are fp32 before a checkpoint is loaded into them: loading fp32 checkpoint weights
+    into bf16 adapters (peft makes them in the base dtype) would round them, and the resumed run would
+    drift from the straight one."""
+    cfg = TrainConfig(**SMALL)
+
+    def bf16_pipe():
+        pipe = load_pipeline(ModelSpec(dtype="bf16"), tmp_path, fresh=True)
+        assert pipe.dtype == torch.bfloat16
+        return pipe
+
+    def go(name: str, **kw):
+        return train_concept(bf16_pipe(), WORDS, items(), cfg, tmp_path / name, checkpoint_dir=tmp_path / f"{name}-ck",
+                             preview_prompts=[], **kw)
+
+    go("straight")
+    with pytest.raises(KeyboardInterrupt):
+        go("resumed", stop_after=9)  # checkpoint at step 8, in phase 2: LoRA weights in it
+    summary = go("resumed")
+    assert summary["resumed_from"] == 8
+    assert asset_bytes(tmp_path / "resumed") == asset_bytes(tmp_path / "straight")
+
+
+def test_checkpoint_and_preview_cadence_do_not_change_the_weights(trained, tmp_path):
+    """Why `checkpoint_every` / `preview_every` are not in the training key: the asset's weights and loss log
+    are the same bytes whatever they are; only the intermediate previews (a record of the run) differ."""
+    cfg = TrainConfig(**{**SMALL, "checkpoint_every": 5, "preview_every": 4})
+    _, out, _ = run(tmp_path, "cadence", cfg, preview_prompts=None)
+    assert asset_bytes(out) == asset_bytes(trained["out"])  # trained: checkpoint_every 2, preview_every 0
+    names = sorted(p.name for p in (out / "previews").iterdir())
+    assert names == ["step-000004-0.png", "step-000004-1.png", "step-000008-0.png", "step-000008-1.png",
+                     "step-000012-0.png", "step-000012-1.png"]
+    for name in ("step-000012-0.png", "step-000012-1.png"):  # the final previews follow the weights alone
+        assert np.array_equal(np.asarray(Image.open(out / "previews" / name)),
+                              np.asarray(Image.open(trained["out"] / "previews" / name)))

@@ -7,10 +7,17 @@ A model is one of:
 * a local diffusers folder (absolute, or relative to the spec file), recognised by ``model_index.json``;
 * a Hugging Face hub id, resolved offline from the local hub cache to a pinned commit.
 
-``model_identity`` is what enters cache keys. It never loads a model: for a folder it hashes the
-weight and config files (digests cached by path, size and mtime so re-planning is instant); for a
-hub id it pins the revision to the commit hash the local cache holds. The weight dtype is part of
-the identity (it changes outputs); the device is not.
+``model_identity`` is what enters cache keys. It never loads a model: for a folder (or a hub
+snapshot) it hashes exactly the files :func:`load_pipeline` reads (:func:`loaded_files`: the
+configs, tokenizer and the weight files diffusers/transformers pick, never ``safety_checker/``,
+``feature_extractor/``, single-file checkpoints or weight variants that are not loaded; digests
+cached by path, size and mtime so re-planning is instant, see
+:func:`caspec.store.hashing.cached_sha256_files`); for a hub id it pins the revision to the commit
+hash the local cache holds. The identity has two parts: the *weights* (everything but
+:data:`RUN_FIELDS`) and how they run (the dtype). The whole identity enters the keys of steps that
+run the model (the dtype changes their outputs; the device is not part of it), while an asset's
+compatibility with a model is decided by the weights part alone (:func:`weights_identity`,
+:func:`identity_differences`): an asset trained in fp32 composes in fp16 or bf16.
 
 ``load_pipeline`` returns a :class:`Pipe` (cached per process) loaded with ``from_pretrained(...,
 local_files_only=True)``, the same path for ``tiny`` (its cache folder) and for real models.
@@ -20,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +39,14 @@ from .toy import TOY_RESOLUTION, ensure_toy, toy_identity
 
 EMBEDDED = ("tiny", "toy")
 
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.json", "*.txt")
 DIGESTS_FILE = "digests.json"
+RUN_FIELDS = ("dtype",)
+"""Identity fields that say how the weights run, not which weights they are."""
+# the components load_pipeline loads, and which library's file rules pick their weights
+MODEL_COMPONENTS = (("text_encoder", "transformers"), ("unet", "diffusers"), ("vae", "diffusers"))
+WEIGHT_STEMS = {"transformers": ("model", "pytorch_model"),
+                "diffusers": ("diffusion_pytorch_model", "diffusion_pytorch_model")}
+SCHEDULER_CONFIG_FILE = "scheduler/scheduler_config.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
@@ -162,66 +174,115 @@ def locate_model(model: ModelSpec, spec_dir: Path) -> ModelLocation:
 # identity
 
 
+def _add_variant(name: str, variant: str | None) -> str:
+    """``model.safetensors`` -> ``model.fp16.safetensors`` (the rule diffusers and transformers share)."""
+    if variant is None:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard files a ``*.index.json`` names (relative to its folder); none if it is unreadable."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        return sorted({str(v) for v in weight_map.values()})
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
+def component_weight_files(sub: Path, library: str, variant: str | None) -> list[str]:
+    """The weight files of one component folder that ``from_pretrained`` loads (names relative to ``sub``).
+
+    diffusers (0.42): ``diffusion_pytorch_model[.variant].safetensors.index.json`` (+ shards), else the
+    single ``.safetensors``, else the ``.bin``; transformers (5.x): ``model[.variant].safetensors``,
+    else its index (+ shards), else ``pytorch_model[.variant].bin``, else its index. A ``.bin`` beside a
+    ``.safetensors`` is therefore never loaded, nor a variant other than ``variant``."""
+    st_stem, bin_stem = WEIGHT_STEMS[library]
+    single_st = _add_variant(f"{st_stem}.safetensors", variant)
+    index_st = _add_variant(f"{st_stem}.safetensors.index.json", variant)
+    single_bin = _add_variant(f"{bin_stem}.bin", variant)
+    index_bin = _add_variant(f"{bin_stem}.bin.index.json", variant)
+    order = ([index_st, single_st, single_bin] if library == "diffusers"
+             else [single_st, index_st, single_bin, index_bin])
+    for name in order:
+        if (sub / name).is_file():
+            return [name, *_index_shards(sub / name)] if name.endswith(".index.json") else [name]
+    return []
+
+
+def _tokenizer_files(folder: Path) -> list[str]:
+    """Every file of ``tokenizer/`` (all small; which of them the backend reads varies with its version)."""
+    sub = folder / "tokenizer"
+    if not sub.is_dir():
+        return []
+    return sorted(f"tokenizer/{p.name}" for p in sub.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def loaded_files(folder: Path) -> list[str]:
+    """The files of a diffusers folder that :func:`load_pipeline` reads, relative to it (sorted).
+
+    Tokenizer, text encoder, UNet, VAE (config + the weights ``from_pretrained`` picks, see
+    :func:`component_weight_files`) and the scheduler config. Not ``model_index.json`` (caspec builds
+    each component itself), ``safety_checker/``, ``feature_extractor/``, top-level single-file
+    checkpoints (``*.ckpt``, ``v1-5-pruned.safetensors``) or variants that are not loaded."""
+    files = _tokenizer_files(folder)
+    for comp, library in MODEL_COMPONENTS:
+        sub = folder / comp
+        files.append(f"{comp}/config.json")
+        files += [f"{comp}/{name}" for name in component_weight_files(sub, library, _variant(sub))]
+    files.append(SCHEDULER_CONFIG_FILE)
+    return sorted(f for f in set(files) if (folder / f).is_file())
+
+
 def _file_digests(folder: Path) -> dict[str, str]:
-    """sha256 of every weight/config file under ``folder``, reusing digests cached by (path, size, mtime_ns)."""
-    files = sorted({p for pat in WEIGHT_PATTERNS for p in folder.rglob(pat)
-                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)})
-    cache_file = cache_root() / DIGESTS_FILE
-    cached = _read_digests(cache_file)
-    fresh: dict[str, dict[str, Any]] = {}
-    out: dict[str, str] = {}
-    for path in files:
-        st = path.stat()  # follows symlinks (hub snapshots link into blobs/)
-        key = str(path.resolve())
-        entry = cached.get(key)
-        if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
-            digest = entry["sha256"]
-        else:
-            digest = _sha256_file(path)
-            fresh[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-        out[path.relative_to(folder).as_posix()] = digest
-    if fresh:
-        _write_digests(cache_file, fresh)
-    return out
+    """sha256 of every file :func:`loaded_files` names, through caspec's digest cache."""
+    from ..store.hashing import cached_sha256_files
+
+    rel = loaded_files(folder)
+    digests = cached_sha256_files([folder / r for r in rel], cache_root() / DIGESTS_FILE)
+    return {r: digests[folder / r] for r in rel}
 
 
-def _sha256_file(path: Path) -> str:
-    from ..store.hashing import sha256_file
-
-    return sha256_file(path)
-
-
-def _read_digests(cache_file: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(cache_file.read_text(encoding="utf-8"))
-        return data.get("files", {}) if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+def weights_identity(identity: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The part of a model identity that names the weights (without :data:`RUN_FIELDS` such as the dtype):
+    what decides whether an asset trained on one model fits another."""
+    if not isinstance(identity, dict):
+        return None
+    return {k: v for k, v in identity.items() if k not in RUN_FIELDS}
 
 
-def _write_digests(cache_file: Path, fresh: dict[str, dict[str, Any]]) -> None:
-    """Merge ``fresh`` into the digest cache (locked, atomic). A cache we cannot write is no error."""
-    from filelock import FileLock
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text[:12] if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{40,64}", value) else text[:60]
 
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(cache_file) + ".lock", timeout=30):
-            files = _read_digests(cache_file)
-            files.update(fresh)
-            fd, tmp = tempfile.mkstemp(prefix=".digests-", dir=cache_file.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                    json.dump({"version": 1, "files": files}, fh, sort_keys=True)
-                os.replace(tmp, cache_file)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-    except Exception:  # noqa: BLE001 - the cache is an optimisation only
-        return
+
+def identity_differences(a: dict[str, Any] | None, b: dict[str, Any] | None, *, limit: int = 4) -> list[str]:
+    """How the weights parts of two identities differ, in words (empty: the same weights).
+
+    ``a`` is "theirs" (e.g. the asset's base model), ``b`` "ours"; e.g. ``["kind: hub vs tiny"]`` or
+    ``["unet/diffusion_pytorch_model.safetensors: 3f2a... vs 91c0..."]``."""
+    wa, wb = weights_identity(a) or {}, weights_identity(b) or {}
+    if wa == wb:
+        return []
+    if wa.get("kind") != wb.get("kind"):
+        return [f"kind: {wa.get('kind', '?')} vs {wb.get('kind', '?')}"]
+    out: list[str] = []
+    if wa.get("kind") == "local":
+        fa, fb = wa.get("files") or {}, wb.get("files") or {}
+        for name in sorted(set(fa) | set(fb)):
+            if fa.get(name) != fb.get(name):
+                out.append(f"{name}: {_short(fa[name]) if name in fa else 'absent'} vs "
+                           f"{_short(fb[name]) if name in fb else 'absent'}")
+    for name in sorted(set(wa) | set(wb)):
+        if name != "files" and wa.get(name) != wb.get(name):
+            out.append(f"{name}: {_short(wa.get(name))} vs {_short(wb.get(name))}")
+    return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
 
 
 def model_identity(model: ModelSpec, spec_dir: Path) -> dict[str, Any]:
-    """What enters cache keys for ``model`` (never loads weights). Includes the dtype, not the device."""
+    """What enters cache keys for ``model`` (never loads weights): the weights part plus the dtype
+    (:data:`RUN_FIELDS`), not the device."""
     loc = locate_model(model, spec_dir)
     dtype = resolve_dtype(model)
     if loc.kind == "tiny":
@@ -376,5 +437,6 @@ def _load(model: ModelSpec, spec_dir: Path, identity: dict[str, Any], device_nam
                 device=device, dtype=dtype, resolution=resolution, identity=identity)
 
 
-__all__ = ["Pipe", "ModelLocation", "locate_model", "model_identity", "native_resolution", "load_pipeline",
-           "clear_pipeline_cache", "resolve_device", "resolve_dtype"]
+__all__ = ["Pipe", "ModelLocation", "locate_model", "model_identity", "weights_identity", "identity_differences",
+           "loaded_files", "component_weight_files", "native_resolution",
+           "load_pipeline", "clear_pipeline_cache", "resolve_device", "resolve_dtype", "RUN_FIELDS"]

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from .load import Pipe
+from .prompts import check_prompt
 
 CPU_BATCH_SIZE = 4  # tiny on 2 cores: 8 images x 50 steps take 7.1 s at 4 or 8 (10.7 s at 1); 4 wastes less padding
 CUDA_BATCH_SIZE = 8  # to be tuned per GPU memory
@@ -84,7 +85,8 @@ def encode_prompts(
 
     ``uncond`` embeds the negative prompt (one string for all, or one per prompt; ``None``/``""``
     = the empty prompt); it is ``None`` when ``guidance_scale <= 1`` (no unconditional pass).
-    Each distinct string is encoded once, on its own.
+    Each distinct string is encoded once, on its own. A string longer than the text encoder's window
+    raises :class:`~caspec.models.prompts.PromptTooLong` (a ``ValueError``), never a silent cut.
     """
     prompts = list(prompts)
     if isinstance(negative, str) or negative is None:
@@ -94,6 +96,10 @@ def encode_prompts(
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
     memo: dict[str, torch.Tensor] = {}
+    for text in dict.fromkeys(prompts):
+        check_prompt(pipe.tokenizer, text, text_encoder=pipe.text_encoder)
+    for text in dict.fromkeys(negatives if use_cfg(guidance_scale) else []):
+        check_prompt(pipe.tokenizer, text, what="the negative prompt", text_encoder=pipe.text_encoder)
 
     def emb(text: str) -> torch.Tensor:
         if text not in memo:

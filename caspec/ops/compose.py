@@ -59,6 +59,7 @@ class ComposeOp(Op):
         for i, asset in enumerate(assets):
             _check_base(ctx, i, asset)
             apply_asset(pipe, asset, lora_scale=0.0, adapter_name=f"asset{i}")
+        _check_prompts(ctx, pipe, assets)
         entries = []
         for j, prompt in enumerate(p["prompts"]):
             scales = prompt_scales(prompt, [a.tokens for a in assets], p["first_scale"], p["later_scale"],
@@ -120,12 +121,32 @@ def set_scales(pipe: Any, scales: list[float]) -> None:
 
 
 def _check_base(ctx: RunContext, i: int, asset: Any) -> None:
+    """Refuse an asset trained on other *weights*; the dtype it was trained in does not matter."""
+    from ..models.load import identity_differences
+
     trained_on = (asset.card.get("base_model") or {})
-    ours = ctx.extra.get("model_identity")
-    if trained_on.get("identity") is not None and ours is not None and trained_on["identity"] != ours:
-        raise StepFailed(ctx.step_id, f"asset {i} (`{asset.path}`) was trained on base model "
-                         f"`{trained_on.get('base', '?')}`, but this step runs `{ctx.model.base}` (identities differ)",
-                         hint="compose assets with the model they were trained on")
+    theirs, ours = trained_on.get("identity"), ctx.extra.get("model_identity")
+    if theirs is None or ours is None:
+        return
+    diff = identity_differences(theirs, ours)
+    if diff:
+        names = list(getattr(ctx.extra.get("step"), "assets", []))
+        shown = names[i] if i < len(names) else f"asset {i}"
+        raise StepFailed(ctx.step_id, f"asset `{shown}` ({asset.path}) was trained on base model "
+                         f"`{trained_on.get('base', '?')}`, but this step runs `{ctx.model.base}`, whose weights "
+                         f"differ ({'; '.join(diff)}: the asset's vs this step's)",
+                         hint="compose an asset with the base model it was trained on (its dtype and device "
+                              "may differ), or train it again on this one")
+
+
+def _check_prompts(ctx: RunContext, pipe: Any, assets: list[Any]) -> None:
+    """Every prompt fits the text encoder: a cut-off pseudo-word would lose its embedding but keep its LoRA."""
+    from .prompt_checks import check_prompts, negative_field
+
+    p = ctx.params
+    check_prompts(ctx, pipe, "compose", [*((("prompts", j), t) for j, t in enumerate(p["prompts"])),
+                                         *negative_field(p)],
+                  pseudo_words=[t for a in assets for t in a.tokens])
 
 
 def _contact_sheet(out_dir: Path, entries: list[dict[str, Any]]) -> None:

@@ -8,8 +8,9 @@ source image's content and the prompt, so adding prompts, candidates or sources 
 an existing image.
 
 Each edited source image is also written, as decoded (RGB), to ``sources/s<i>.png``, and every
-candidate's entry names it in ``source_file``: a later step (``select`` with ``by: clip``) compares a
-candidate with its source without going back to the source step.
+candidate's entry names it in ``source_file`` and the source's own prompt in ``source_prompt`` (None for a
+given image): a later step (``select`` with ``by: clip``) compares a candidate with its source, and its
+prompt with the source's, without going back to the source step.
 
 No torch at module level: planning imports this module and never loads a model.
 """
@@ -30,7 +31,7 @@ def edit_id(source_index: int, prompt_index: int, k: int) -> str:
 
 class EditOp(Op):
     KIND = "edit"
-    VERSION = 2  # 2: sources/s<i>.png and `source_file`
+    VERSION = 3  # 2: sources/s<i>.png and `source_file`; 3: `source_prompt` (select by clip reads it)
     USES_MODEL = True
 
     def params(self, step: EditStep, spec: Spec) -> dict[str, Any]:
@@ -105,7 +106,11 @@ class EditOp(Op):
                     seed = derive_seed(p["seed"], "edit", digest, prompt, k)
                     jobs.append((edit_id(i, j, k), i, entry, digest, img, j, prompt, k, seed))
 
+        from .prompt_checks import check_prompts, negative_field
+
         pipe = load_pipeline(ctx.model, ctx.spec_dir)
+        check_prompts(ctx, pipe, "edits", [*((("prompts", j), t) for j, t in enumerate(p["prompts"])),
+                                           *negative_field(p)])
         desc = f"{ctx.step_id}: sdedit"
         ctx.progress(0, len(jobs), desc)
         try:
@@ -138,6 +143,7 @@ class EditOp(Op):
             })
             out.append(image_entry(iid, file, prompt=prompt, negative_prompt=p["negative_prompt"], seed=seed,
                                    source=entry.get("id"), source_index=i, source_file=source_files[i],
+                                   source_prompt=entry.get("prompt"),  # select by clip: the edit's text direction
                                    prompt_index=j, candidate=k, digest=pixel_digest(image)))
         return {"images": out}
 

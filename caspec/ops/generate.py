@@ -96,9 +96,12 @@ class GenerateOp(Op):
         from ..models.sampling import default_batch_size, txt2img
 
         p = ctx.params
+        from .prompt_checks import check_prompts, negative_field
+
         pipe = load_pipeline(ctx.model, ctx.spec_dir)
         n = int(p["candidates"])
         prompt = p["prompt"]
+        check_prompts(ctx, pipe, "roots", [(("prompt",), prompt), *negative_field(p)])
         seeds = [derive_seed(p["seed"], "root", prompt, k) for k in range(n)]
         desc = f"{ctx.step_id}: generating"
         ctx.progress(0, n, desc)

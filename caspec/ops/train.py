@@ -4,6 +4,13 @@ Image k (1-based, in the upstream step's order) gets the caption template with `
 `<dance1> <robot3>`: one shared pseudo-word for the constant attribute, one per image for the varied one
 (paper, section 3.3-3.4). Training itself is `caspec.train`; the asset format is `caspec.assets`.
 A killed training resumes from its last checkpoint, kept in the store under the step's key.
+
+`checkpoint_every` and `preview_every` decide when the run saves and renders, never the trained weights,
+so they are not part of the key (`RUN_SETTINGS`): changing them neither retrains nor orphans a
+checkpoint. Intermediate previews (`previews/step-N-*.png`, N < the last step) are a record of the run
+that made the asset, like its timings: a cached asset keeps those of its run, and its card says under
+`run:` which settings made them. The final previews depend only on the weights and `preview_prompts`
+(which are in the key).
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ from ..errors import StepFailed
 from .base import Op, RunContext
 
 LIBRARIES = ("caspec", "torch", "diffusers", "transformers", "peft")
+RUN_SETTINGS = ("checkpoint_every", "preview_every")  # not in the key: they never change the weights
 
 
 def _version(dist: str) -> str:
@@ -25,10 +33,11 @@ def _version(dist: str) -> str:
 
 class TrainOp(Op):
     KIND = "train"
-    VERSION = 1
+    VERSION = 2  # 2: checkpoint_every / preview_every left the key (the card records them under `run`);
+                # the card's result lost `seconds`/`resumed_from` (now in the record's meta)
 
     def params(self, step: Any, spec: Any) -> dict[str, Any]:
-        settings = step.train.model_dump()
+        settings = {k: v for k, v in step.train.model_dump().items() if k not in RUN_SETTINGS}
         settings["seed"] = spec.defaults.seed if settings["seed"] is None else settings["seed"]
         settings["lora_alpha"] = float(settings["lora_alpha"] or settings["lora_rank"])
         return {"words": [{"token": w.token, "init": w.init} for w in step.words],
@@ -58,9 +67,11 @@ class TrainOp(Op):
         n = len(images)
         words = _expand_words(p["words"], n)
         captions = [p["caption"].replace("{k}", str(k)) for k in range(1, n + 1)]
+        _check_prompts(ctx, pipe, p, words, captions)
         items = [(fit_square(Image.open(source.file(img["file"])).convert("RGB"), res), cap)
                  for img, cap in zip(images, captions)]
-        cfg = TrainConfig(**{**p["train"], "unet_targets": tuple(p["train"]["unet_targets"]),
+        run_settings = _run_settings(ctx)
+        cfg = TrainConfig(**{**p["train"], **run_settings, "unet_targets": tuple(p["train"]["unet_targets"]),
                              "text_targets": tuple(p["train"]["text_targets"])})
         total = cfg.phase1_steps + cfg.phase2_steps
 
@@ -72,10 +83,20 @@ class TrainOp(Op):
                                     preview_prompts=p["preview_prompts"], progress=progress)
         except ValueError as exc:
             raise StepFailed(ctx.step_id, str(exc)) from None
-        card = _card(ctx, p, words, captions, images, source.key, summary)
+        card = _card(ctx, p, words, captions, images, source.key, summary, run_settings)
         write_card(ctx.out_dir, card)
+        ctx.meta.update({k: summary.get(k) for k in ("seconds", "steps_run", "resumed_from")})
         return {"asset": {"tokens": [w.token for w in words], "final_loss": summary.get("final_loss"),
                           "images": n}}
+
+
+def _run_settings(ctx: RunContext) -> dict[str, int]:
+    """`checkpoint_every` / `preview_every` from the spec step (not in the params: see RUN_SETTINGS)."""
+    from ..train import TrainConfig
+
+    train = getattr(ctx.extra.get("step"), "train", None)
+    defaults = TrainConfig()
+    return {name: int(getattr(train, name, getattr(defaults, name))) for name in RUN_SETTINGS}
 
 
 def _check_targets(ctx: RunContext, pipe: Any, train: dict[str, Any]) -> None:
@@ -93,6 +114,16 @@ def _check_targets(ctx: RunContext, pipe: Any, train: dict[str, Any]) -> None:
                                  f"{exc}", hint=f"LoRA targets are module names of {what} (suffix match)") from None
 
 
+def _check_prompts(ctx: RunContext, pipe: Any, p: dict[str, Any], words: list[Any], captions: list[str]) -> None:
+    """Captions and preview prompts fit the text encoder (a cut caption would train on a lost pseudo-word)."""
+    from .prompt_checks import check_prompts
+
+    caption_path = ("caption",) if getattr(ctx.extra.get("step"), "caption", None) is not None else ("words",)
+    fields = [(caption_path, c) for c in captions]
+    fields += [(("preview_prompts", i), t) for i, t in enumerate(p["preview_prompts"] or [])]
+    check_prompts(ctx, pipe, "concepts", fields, pseudo_words=[w.token for w in words])
+
+
 def _expand_words(words: list[dict[str, str]], n: int) -> list[Any]:
     from ..train import PseudoWord
 
@@ -106,7 +137,7 @@ def _expand_words(words: list[dict[str, str]], n: int) -> list[Any]:
 
 
 def _card(ctx: RunContext, p: dict[str, Any], words: list[Any], captions: list[str], images: list[dict[str, Any]],
-          source_key: str, summary: dict[str, Any]) -> dict[str, Any]:
+          source_key: str, summary: dict[str, Any], run_settings: dict[str, int]) -> dict[str, Any]:
     return {
         "format": 1,
         "kind": "caspec concept asset",
@@ -114,11 +145,14 @@ def _card(ctx: RunContext, p: dict[str, Any], words: list[Any], captions: list[s
         "captions": captions,
         "base_model": {"base": ctx.model.base, "identity": ctx.extra.get("model_identity")},
         "training": p["train"],
+        "run": run_settings,
         "seed": p["train"]["seed"],
         "training_images": {"step_key": source_key,
                             "images": [{"id": img["id"], "digest": img["digest"], "prompt": img.get("prompt")}
                                        for img in images]},
         "key": ctx.key,
         "libraries": {name: _version(name) for name in LIBRARIES},
-        "result": {k: summary.get(k) for k in ("initial_loss", "final_loss", "steps", "resumed_from", "seconds")},
+        # what the weights are, never how this run went (time, resumption: in the record's meta["run"]),
+        # so a resumed or re-run training that makes the same weights makes the same card
+        "result": {k: summary.get(k) for k in ("initial_loss", "final_loss", "steps")},
     }

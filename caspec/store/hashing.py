@@ -6,6 +6,13 @@ form — sorted keys, no whitespace, UTF-8, floats as ``repr`` — so that equal
 equal whatever order a dict was built in.  Values that JSON cannot say exactly are refused rather
 than silently coerced: NaN/infinity, non-string dict keys (``{1: x}`` would collide with
 ``{"1": x}``) and types other than None/bool/int/float/str/list/tuple/dict.
+
+Large files that are hashed again and again (model weights, CLIP checkpoints) go through a
+*digest cache* (:func:`cached_sha256`, :func:`cached_sha256_files`): a JSON file mapping a file's
+resolved path to its size, ``mtime_ns`` and sha256. An entry is trusted only while size and
+mtime match, and never for a file modified in the last :data:`RACY_NS` (two seconds): file times
+are coarser than a nanosecond on many file systems, so a quick rewrite of the same size could keep
+its mtime (git's "racily clean" case). Such files are hashed afresh and not cached.
 """
 from __future__ import annotations
 
@@ -13,9 +20,15 @@ import hashlib
 import json
 import math
 import os
-from typing import Any
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
 
 CHUNK_SIZE = 1 << 20  # 1 MiB
+RACY_NS = 2_000_000_000
+"""Files modified less than this long ago (ns) are always hashed afresh and never cached."""
+DIGEST_CACHE_VERSION = 1
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -67,4 +80,80 @@ def sha256_json(obj: Any) -> str:
     return sha256_bytes(canonical_json(obj))
 
 
-__all__ = ["CHUNK_SIZE", "sha256_bytes", "sha256_file", "canonical_json", "sha256_json"]
+# ---------------------------------------------------------------------------------------------
+# the digest cache
+
+
+def read_digest_cache(cache_file: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """The cache's entries (resolved path -> ``{"size", "mtime_ns", "sha256"}``); ``{}`` if unreadable."""
+    try:
+        data = json.loads(Path(cache_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    files = data.get("files", {}) if isinstance(data, dict) else {}
+    return files if isinstance(files, dict) else {}
+
+
+def write_digest_cache(cache_file: str | os.PathLike[str], fresh: dict[str, dict[str, Any]]) -> None:
+    """Merge ``fresh`` entries into the cache (under a file lock, atomic rename). A cache that cannot be
+    written is no error: it only saves time."""
+    if not fresh:
+        return
+    from filelock import FileLock
+
+    cache = Path(cache_file)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(cache) + ".lock", timeout=30):
+            files = read_digest_cache(cache)
+            files.update(fresh)
+            fd, tmp = tempfile.mkstemp(prefix=".digests-", dir=cache.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    json.dump({"version": DIGEST_CACHE_VERSION, "files": files}, fh, sort_keys=True)
+                os.replace(tmp, cache)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+    except Exception:  # noqa: BLE001 - the cache is an optimisation only
+        return
+
+
+def _is_racy(st: os.stat_result, now_ns: int) -> bool:
+    """Modified too recently (or in the future) for size + mtime to prove the content unchanged."""
+    return now_ns - st.st_mtime_ns < RACY_NS
+
+
+def cached_sha256_files(paths: Iterable[str | os.PathLike[str]],
+                        cache_file: str | os.PathLike[str]) -> dict[Path, str]:
+    """sha256 of each file in ``paths`` (keyed as given), reusing and updating the digest cache
+    ``cache_file`` (one read, at most one write). Symlinks are followed (hub snapshots link into blobs/)."""
+    cached = read_digest_cache(cache_file)
+    fresh: dict[str, dict[str, Any]] = {}
+    out: dict[Path, str] = {}
+    for given in paths:
+        path = Path(given)
+        st = path.stat()
+        key = str(path.resolve())
+        now = time.time_ns()
+        entry = cached.get(key)
+        if (entry and not _is_racy(st, now) and entry.get("size") == st.st_size
+                and entry.get("mtime_ns") == st.st_mtime_ns and isinstance(entry.get("sha256"), str)):
+            out[path] = entry["sha256"]
+            continue
+        digest = sha256_file(path)
+        after = path.stat()
+        if not _is_racy(after, time.time_ns()) and (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
+            fresh[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        out[path] = digest
+    write_digest_cache(cache_file, fresh)
+    return out
+
+
+def cached_sha256(path: str | os.PathLike[str], cache_file: str | os.PathLike[str]) -> str:
+    """sha256 of one file through the digest cache (see :func:`cached_sha256_files`)."""
+    return cached_sha256_files([path], cache_file)[Path(path)]
+
+
+__all__ = ["CHUNK_SIZE", "RACY_NS", "sha256_bytes", "sha256_file", "canonical_json", "sha256_json",
+           "read_digest_cache", "write_digest_cache", "cached_sha256", "cached_sha256_files"]

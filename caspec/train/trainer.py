@@ -139,6 +139,20 @@ def _check_inputs(pipe: Any, words: list[PseudoWord], items: list[tuple[Image.Im
     if cfg.phase2_steps > 0:
         fmt.check_targets(pipe.unet, cfg.unet_targets, "the UNet")
         fmt.check_targets(pipe.text_encoder, cfg.text_targets, "the text encoder")
+    _check_lengths(pipe, tokens, [c for _, c in items], preview_prompts)
+
+
+def _check_lengths(pipe: Any, tokens: list[str], captions: list[str], preview_prompts: list[str] | None) -> None:
+    """Every caption and preview prompt fits the text encoder's window (``PromptTooLong``, a ValueError):
+    a cut caption would train without the pseudo-words it loses."""
+    from ..models.prompts import check_prompt
+
+    for k, caption in enumerate(captions, 1):
+        check_prompt(pipe.tokenizer, caption, what=f"caption {k} ({caption[:40]}...)" if len(caption) > 40
+                     else f"caption {k}", pseudo_words=tokens, text_encoder=pipe.text_encoder)
+    for i, prompt in enumerate(preview_prompts or []):
+        check_prompt(pipe.tokenizer, prompt, what=f"preview prompt {i + 1}", pseudo_words=tokens,
+                     text_encoder=pipe.text_encoder)
 
 
 def _training_resolution(pipe: Any, images: list[Image.Image]) -> int:
@@ -219,7 +233,7 @@ class _Trainer:
 
         self.hook = emb_layer.register_forward_hook(splice)
 
-        # captions -> ids, checking each pseudo-word survives tokenization (and truncation)
+        # captions -> ids (their length was checked: nothing is cut), checking each pseudo-word is one token
         enc = tok([c for _, c in self.items], padding="max_length", max_length=tok.model_max_length,
                   truncation=True, return_tensors="pt")
         self.input_ids = enc.input_ids.to(self.device)
@@ -229,7 +243,7 @@ class _Trainer:
         for w, i in zip(self.words, self.new_ids):
             if i not in present:
                 raise ValueError(f"pseudo-word {w.token} is lost when the captions are tokenized "
-                                 f"(caption too long, or the token glued to other text?)")
+                                 f"(the token glued to other text?)")
 
         from diffusers import DDPMScheduler
 
@@ -276,7 +290,15 @@ class _Trainer:
                 torch.manual_seed(derive_seed(cfg.seed, "lora-init", comp))
                 fmt.inject_lora(module, fmt.lora_config(cfg.lora_rank, cfg.lora_alpha, targets), self.adapter,
                                 trainable=True)
+            self._lora_to_fp32(module)
         self.lora_on = True
+
+    def _lora_to_fp32(self, module: Any) -> None:
+        """Adapters train in fp32 whatever the base dtype. peft makes them in the base layer's dtype, so they
+        are cast right after injection: before a checkpoint's fp32 weights are loaded into them (loading
+        into bf16/fp16 adapters would round them, and a resumed run would drift from a straight one)."""
+        for p in self._lora_params(module):
+            p.data = p.data.float()
 
     def _lora_params(self, module: Any) -> list[torch.nn.Parameter]:
         tag = f".{self.adapter}."
@@ -291,8 +313,6 @@ class _Trainer:
             unet_p, text_p = self._lora_params(self.pipe.unet), self._lora_params(self.pipe.text_encoder)
             if not unet_p or not text_p:
                 raise RuntimeError("LoRA injection produced no trainable parameters")
-            for p in unet_p + text_p:
-                p.data = p.data.float()  # train adapters in fp32 whatever the base dtype
             groups += [{"params": unet_p, "lr": cfg.lr_lora_unet}, {"params": text_p, "lr": cfg.lr_lora_text}]
         return torch.optim.AdamW(groups, lr=cfg.lr_embeddings, weight_decay=cfg.weight_decay)
 
