@@ -142,15 +142,20 @@ def test_unknown_and_ambiguous_pseudo_words_are_spec_errors(tmp_path, library):
     assert "`robto` is not a `concepts` step" in err.value.render()
 
 
-def test_asset_from_another_base_model_is_refused(tmp_path, library):
+def _copy_with_base(tmp_path, library, base_model) -> None:
+    """``./other``: a copy of the robot asset whose card names another base model (``base_model(card)``)."""
     other = tmp_path / "other"
     other.mkdir()
     for f in (library / "robot").iterdir():
         if f.is_file():
             (other / f.name).write_bytes(f.read_bytes())
     card = yaml.safe_load((other / "card.yaml").read_text())
-    card["base_model"] = {"base": "runwayml/sd15", "identity": {"kind": "hub", "commit": "abc"}}
+    card["base_model"] = base_model(card["base_model"])
     (other / "card.yaml").write_text(yaml.safe_dump(card))
+
+
+def test_asset_from_another_base_model_is_refused(tmp_path, library):
+    _copy_with_base(tmp_path, library, lambda _: {"base": "runwayml/sd15", "identity": {"kind": "hub", "commit": "abc"}})
     spec = write_spec(tmp_path, library, a="./other")
     summary = run(load_spec(spec), LocalStore(tmp_path / ".caspec"))
     outcome = summary.outcomes["story"]
@@ -173,14 +178,7 @@ def test_asset_trained_in_fp32_composes_in_bf16(tmp_path, library):
 
 
 def test_asset_from_other_tiny_weights_is_refused_saying_what_differs(tmp_path, library):
-    other = tmp_path / "other"
-    other.mkdir()
-    for f in (library / "robot").iterdir():
-        if f.is_file():
-            (other / f.name).write_bytes(f.read_bytes())
-    card = yaml.safe_load((other / "card.yaml").read_text())
-    card["base_model"]["identity"] = {**card["base_model"]["identity"], "seed": 1, "dtype": "bf16"}
-    (other / "card.yaml").write_text(yaml.safe_dump(card))
+    _copy_with_base(tmp_path, library, lambda base: {**base, "identity": {**base["identity"], "seed": 1, "dtype": "bf16"}})
     spec = write_spec(tmp_path, library, a="./other")
     outcome = run(load_spec(spec), LocalStore(tmp_path / ".caspec")).outcomes["story"]
     assert outcome.status == "failed"

@@ -125,8 +125,9 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same dir, fsync and os.replace."""
+def _temp_copy(path: Path, data: bytes, durable: bool) -> str:
+    """A complete temp file holding ``data`` beside ``path`` (``.<name>.<rand>.tmp``, fsynced if
+    ``durable``, mode 0o644); its name. Removed again if writing fails."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -135,6 +136,17 @@ def _atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
             if durable:
                 os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same dir, fsync and os.replace."""
+    tmp = _temp_copy(path, data, durable)
+    try:
         os.replace(tmp, path)
     except BaseException:
         with suppress(OSError):
@@ -154,14 +166,8 @@ def _create_only_write(path: Path, data: bytes, durable: bool = True) -> bool:
     the whole file appear at once, so racing writers cannot both succeed and no reader sees half a
     file. Without hard links, ``O_EXCL`` creation keeps the first-wins guarantee (a crash mid-write
     leaves a truncated file, which readers treat as corrupt)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _temp_copy(path, data, durable)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            if durable:
-                os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
         try:
             os.link(tmp, path)
         except FileExistsError:
