@@ -151,7 +151,7 @@ def test_a_real_model_needs_named_weights_at_load_time(tmp_path):
     with pytest.raises(SpecError) as err:
         load_spec_text(spec_text("./sd15"), tmp_path / "s.yaml")
     p = err.value.problems[0]
-    assert (p.line, p.col) == (7, 5) and p.path == "select.pick.clip.pretrained"  # nearest written field: the step
+    assert (p.line, p.col) == (8, 9) and p.path == "select.pick.clip.pretrained"  # no `clip:`: at `by: clip`
     assert "has no weights" in p.message and "pretrained: random" in p.hint
     with pytest.raises(SpecError) as err:
         load_spec_text(spec_text("./sd15", "clip: {model: ViT-B-32, pretrained: laion2b_s34b_b79k}"), tmp_path / "s.yaml")
@@ -184,7 +184,7 @@ def test_cli_validate_exits_2_with_position(tmp_path):
     path.write_text(spec_text("./sd15"))
     r = CliRunner().invoke(main, ["validate", str(path)], catch_exceptions=False)
     assert r.exit_code == 2
-    assert f"{path}:7:5: error: select.pick.clip.pretrained: CLIP `ViT-B-32` has no weights" in r.stderr
+    assert f"{path}:8:9: error: select.pick.clip.pretrained: CLIP `ViT-B-32` has no weights" in r.stderr
     assert "hint:" in r.stderr and "Traceback" not in r.stderr
 
 

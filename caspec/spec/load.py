@@ -1091,7 +1091,9 @@ def _check_clips(spec: Spec, src: _Source, spec_dir: Path) -> list[Problem]:
         try:
             check_weights(for_spec(clip.model, clip.pretrained, clip.checkpoint, spec.model.base), spec_dir)
         except ClipWeightsError as exc:
-            problems.append(src.problem((*where, "clip", exc.field), exc.message, exc.hint))
+            # no `clip:` block (the defaults): point at `by: clip`, the line that asked for a CLIP
+            at = None if (*where, "clip") in src.positions else src.positions.get((*where, "by"))
+            problems.append(src.problem((*where, "clip", exc.field), exc.message, exc.hint, at=at))
     return problems
 
 
