@@ -44,8 +44,8 @@ def _store_for(loaded: Any | None, store: str | None) -> Any:
     from .store import open_store
 
     path = store or os.environ.get("CASPEC_STORE")
-    if path:
-        return open_store(Path(path))
+    if path:  # a directory, or an fsspec URL such as s3://bucket/prefix (kept a str: Path would eat "//")
+        return open_store(path if "://" in path else Path(path))
     if loaded is None:
         return open_store(Path(".caspec"))
     return open_store(loaded.dir / ".caspec")
@@ -57,7 +57,8 @@ def _load(spec: str) -> Any:
     return load_spec(spec)
 
 
-store_option = click.option("--store", metavar="DIR", help="Store directory (default: `.caspec/` beside the spec; env CASPEC_STORE).")
+store_option = click.option("--store", metavar="DIR|URL", help="Store directory or URL such as s3://bucket/prefix "
+                            "(default: `.caspec/` beside the spec; env CASPEC_STORE).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

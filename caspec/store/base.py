@@ -26,12 +26,18 @@ class Record:
     meta: dict[str, Any] = field(default_factory=dict)
     store_root: Path | None = None
     committed: bool = field(default=False, compare=False, repr=False)
+    #: remote stores: ``fetch(digest, size)`` brings a missing object into the local cache (``store_root``)
+    fetch: Any = field(default=None, compare=False, repr=False)
 
     def file(self, relpath: str) -> Path:
-        """Path of the (read-only) stored object holding output ``relpath``."""
+        """Path of the (read-only) stored object holding output ``relpath`` (always a local path; a remote
+        store's record fetches the object into its cache on first use)."""
         assert self.store_root is not None
         digest = self.outputs[relpath]["digest"]
-        return self.store_root / "objects" / digest[:2] / digest
+        path = self.store_root / "objects" / digest[:2] / digest
+        if self.fetch is not None and not path.exists():
+            self.fetch(digest, self.outputs[relpath].get("size"))
+        return path
 
     def digest(self, relpath: str) -> str:
         return self.outputs[relpath]["digest"]

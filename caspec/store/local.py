@@ -45,7 +45,6 @@ import dataclasses
 import errno
 import json
 import os
-import re
 import shutil
 import stat
 import tempfile
@@ -59,6 +58,11 @@ from filelock import FileLock, Timeout
 
 from ..errors import StoreError
 from .base import GcReport, Record
+from .common import (STORE_VERSION, CorruptRecordWarning, check_key as _check_key,
+                     check_spec_name as _check_spec_name, encode_json as _encode_json, parse_record,
+                     pid_alive as _pid_alive,
+                     record_body, scan_staged as _scan_staged, valid_key as _valid_key)
+from .common import CorruptRecord as _Corrupt
 from .hashing import sha256_file
 
 try:  # POSIX only; elsewhere gc and commits are not mutually excluded
@@ -66,41 +70,14 @@ try:  # POSIX only; elsewhere gc and commits are not mutually excluded
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-STORE_VERSION = 1
-RECORD_FORMAT = 1
 DEFAULT_LOCK_TIMEOUT = 6 * 3600.0
-_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{2,200}$")
-_DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 _SUBDIRS = ("objects", "actions", "locks", "tmp", "state")
 
 # Staging dirs open in this process: gc must never remove them, lock or no lock.
 _ACTIVE_STAGING: set[str] = set()
 
 
-class CorruptRecordWarning(UserWarning):
-    """A record or state file in the store could not be parsed and is being ignored."""
-
-
-class _Corrupt(Exception):
-    """Internal: a record file that does not parse into a valid record."""
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-def _valid_key(key: object) -> bool:
-    return isinstance(key, str) and _KEY_RE.match(key) is not None
-
-
-def _check_key(key: str) -> None:
-    if not _valid_key(key):
-        raise StoreError(f"invalid store key {key!r}", hint="keys are 2-200 characters of [A-Za-z0-9_-]")
-
-
-def _check_spec_name(name: str) -> None:
-    bad = not isinstance(name, str) or not name or name.startswith(".")
-    if bad or any(c in name for c in "/\\\0"):
-        raise StoreError(f"invalid spec name for store state: {name!r}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -202,14 +179,6 @@ def _exclusive_write(path: Path, data: bytes, durable: bool) -> bool:
     return True
 
 
-def _encode_json(obj: Any, what: str) -> bytes:
-    try:
-        text = json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise StoreError(f"{what} is not JSON-serialisable: {exc}") from exc
-    return (text + "\n").encode("utf-8")
-
-
 def _remove(path: Path) -> None:
     """Remove a file or a directory tree, also one holding read-only subdirectories."""
     if not os.path.lexists(path):
@@ -248,45 +217,6 @@ def _tree_size(path: Path) -> int:
             with suppress(OSError):
                 total += os.lstat(os.path.join(parent, name)).st_size
     return total
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether a local process ``pid`` exists (conservatively True where we cannot tell)."""
-    if pid <= 0:
-        return False
-    if os.name == "nt":  # pragma: no cover - os.kill(pid, 0) would kill it there
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
-def _scan_staged(root: Path) -> list[tuple[str, Path]]:
-    """All regular files under ``root`` as (relpath with '/', path); StoreError on anything else."""
-    if root.is_symlink() or not root.is_dir():
-        raise StoreError(f"staged outputs {root} is not a directory")
-    found: list[tuple[str, Path]] = []
-    stack: list[tuple[Path, str]] = [(root, "")]
-    while stack:
-        folder, prefix = stack.pop()
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                rel = prefix + entry.name
-                if entry.is_symlink():
-                    raise StoreError(f"staged output `{rel}` is a symlink", hint="steps must write regular files")
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append((Path(entry.path), rel + "/"))
-                elif entry.is_file(follow_symlinks=False):
-                    found.append((rel, Path(entry.path)))
-                else:
-                    raise StoreError(f"staged output `{rel}` is not a regular file", hint="steps must write regular files")
-    return sorted(found)
 
 
 def _parse_tmp_name(name: str) -> tuple[str | None, int | None]:
@@ -392,25 +322,7 @@ class LocalStore:
     # ---------------------------------------------------------------- records
 
     def _parse_record(self, key: str, data: bytes) -> Record:
-        try:
-            obj = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise _Corrupt(f"not valid JSON ({exc})") from exc
-        if not isinstance(obj, dict) or obj.get("format") != RECORD_FORMAT or obj.get("key") != key:
-            raise _Corrupt("missing or wrong format/key")
-        if not isinstance(obj.get("kind"), str):
-            raise _Corrupt("missing kind")
-        for name in ("material", "outputs", "result", "meta"):
-            if not isinstance(obj.get(name), dict):
-                raise _Corrupt(f"missing {name}")
-        outputs = {}
-        for rel, entry in obj["outputs"].items():
-            ok = isinstance(entry, dict) and isinstance(entry.get("digest"), str) and _DIGEST_RE.match(entry["digest"])
-            if not ok or not isinstance(entry.get("size"), int) or entry["size"] < 0:
-                raise _Corrupt(f"bad output entry {rel!r}")
-            outputs[rel] = {"digest": entry["digest"], "size": entry["size"]}
-        return Record(key=key, kind=obj["kind"], material=obj["material"], outputs=outputs,
-                      result=obj["result"], meta=obj["meta"], store_root=self.root)
+        return parse_record(key, data, self.root)
 
     def _load_record(self, key: str, *, warn: bool) -> Record | None:
         path = self._record_path(key)
@@ -642,8 +554,7 @@ class LocalStore:
         files = _scan_staged(Path(staged))
         with self._oserrors(f"hashing staged outputs of {key}"):
             outputs = {rel: {"digest": sha256_file(p), "size": p.stat().st_size} for rel, p in files}
-        body = {"format": RECORD_FORMAT, "key": key, "kind": kind, "material": material,
-                "outputs": outputs, "result": result, "meta": meta or {}}
+        body = record_body(key, kind, material, outputs, result, meta)
         data = _encode_json(body, f"the record of step key {key}")
         try:
             record = dataclasses.replace(self._parse_record(key, data), committed=True)
@@ -780,10 +691,15 @@ class LocalStore:
             self._discard(path, report, dry_run)
 
 
-def open_store(path: str | os.PathLike[str], **options: Any) -> LocalStore:
-    """Open the store at ``path`` (nothing is created until the first write)."""
-    if "://" in os.fspath(path):
-        raise StoreError(f"unsupported store location {os.fspath(path)!r}", hint="only local directories are supported")
+def open_store(path: str | os.PathLike[str], **options: Any) -> Any:
+    """Open the store at ``path`` (nothing is created until the first write): a :class:`LocalStore` for a
+    directory, a :class:`caspec.store.remote.RemoteStore` for an fsspec URL (``s3://bucket/prefix``, ...).
+    fsspec is imported only for a URL, so local stores stay as fast to open as before."""
+    location = os.fspath(path)
+    if "://" in location:
+        from .remote import RemoteStore
+
+        return RemoteStore(location, **options)
     return LocalStore(path, **options)
 
 

@@ -15,18 +15,22 @@ def _size(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-def _recorded_specs(store: Any) -> dict[str, dict[str, Any]]:
+def _state_names(store: Any) -> list[str]:
+    """Specs with saved state: the store's own listing (remote stores), else its local state/ dir."""
+    if hasattr(store, "state_names"):
+        return store.state_names()
     state_dir = store.root / "state"
-    out = {}
-    for path in sorted(state_dir.glob("*.json")) if state_dir.is_dir() else []:
-        out[path.stem] = store.read_state(path.stem)
-    return out
+    return [p.stem for p in sorted(state_dir.glob("*.json"))] if state_dir.is_dir() else []
+
+
+def _recorded_specs(store: Any) -> dict[str, dict[str, Any]]:
+    return {name: store.read_state(name) for name in _state_names(store)}
 
 
 def store_summary(store: Any) -> str:
     records = list(store.records())
     digests = {o["digest"]: o["size"] for r in records for o in r.outputs.values()}
-    lines = [f"store: {store.root}", f"entries: {len(records)} steps, {len(digests)} objects, {_size(sum(digests.values()))}"]
+    lines = [f"store: {getattr(store, 'url', store.root)}", f"entries: {len(records)} steps, {len(digests)} objects, {_size(sum(digests.values()))}"]
     for name, state in _recorded_specs(store).items():
         steps = state.get("steps", {})
         cached = sum(1 for v in steps.values() if store.has(v.get("key", "")))
