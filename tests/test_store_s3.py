@@ -197,6 +197,21 @@ def test_gc_keeps_what_is_kept_and_young_objects_then_removes_old_unreferenced_o
     assert len(uploads) == 1
 
 
+def test_gc_leaves_the_shared_cache_s_checkpoints_alone(s3, tmp_path):
+    """The object cache is shared by every remote store of a machine: a checkpoint there may belong to a
+    step of another store that is running now, so `caspec gc` on this store must not remove it."""
+    from caspec.store.report import collect_garbage
+
+    store = RemoteStore(s3.url, cache=tmp_path / "shared")
+    produce(store, "k1", {"a": b"x"})
+    other = tmp_path / "shared" / "checkpoints" / "another-stores-running-key"
+    other.mkdir(parents=True)
+    (other / "checkpoint.pt").write_bytes(b"state")
+    collect_garbage(store, [], dry_run=False)
+    assert (other / "checkpoint.pt").read_bytes() == b"state"
+    assert not store.has("k1")  # gc did run: no spec keeps k1
+
+
 def test_read_through_cache_fetches_each_object_once(s3, tmp_path, monkeypatch):
     writer = RemoteStore(s3.url, cache=tmp_path / "writer")
     produce(writer, "k1", {"a": b"alpha", "sub/b": b"beta"})

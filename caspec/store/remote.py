@@ -108,6 +108,10 @@ def _is_atomic_create(fs: Any) -> bool:
 class RemoteStore:
     """A content-addressed store at an fsspec URL, with a local read-through cache (module docstring)."""
 
+    #: the local ``root`` (the machine's object cache) is shared by every remote store of this machine, so
+    #: nothing under it (checkpoints of other stores' running steps) is this store's to collect
+    shares_root = True
+
     def __init__(self, url: str, *, cache: str | os.PathLike[str] | None = None,
                  lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
                  lease_seconds: float = DEFAULT_LEASE_SECONDS, gc_grace_seconds: float = DEFAULT_GC_GRACE_SECONDS,

@@ -61,6 +61,10 @@ def live_keys(store: Any, loaded_specs: list[Any]) -> set[str]:
 
 
 def _stale_checkpoints(store: Any, keep: set[str]) -> list[Path]:
+    """Checkpoint folders of keys no spec needs; none where the store's local root is shared with other
+    stores (a remote store's object cache), whose running steps' checkpoints must survive this gc."""
+    if getattr(store, "shares_root", False):
+        return []
     root = store.root / "checkpoints"
     return [d for d in sorted(root.iterdir()) if d.name not in keep] if root.is_dir() else []
 
