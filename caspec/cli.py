@@ -128,7 +128,7 @@ def plan(spec: str, store: str | None, as_json: bool) -> int:
     from .plan.graph import make_plan
 
     loaded = _load(spec)
-    the_plan = make_plan(loaded, _store_for(loaded, store))
+    the_plan = make_plan(loaded, _store_for(loaded, store), environment_notes=True)
     if as_json:
         click.echo(json.dumps([n.to_json() for n in the_plan.order()], indent=2))
     else:
@@ -232,7 +232,7 @@ def status(spec: str | None, store: str | None) -> int:
         from .plan.graph import make_plan
 
         click.echo("")
-        _print_plan(make_plan(loaded, the_store))
+        _print_plan(make_plan(loaded, the_store, environment_notes=True))
     return 0
 
 

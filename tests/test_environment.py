@@ -73,14 +73,15 @@ def test_every_record_names_its_environment(tmp_path):
 
 def test_plan_marks_cached_steps_made_elsewhere(tmp_path):
     loaded, store = setup(tmp_path)
-    plan = make_plan(loaded, store)
+    plan = make_plan(loaded, store, environment_notes=True)
     now_threads = store.get(plan.nodes["r"].key).meta["environment"]["torch_threads"]
     assert all(not n.notes for n in plan.order())
     rewrite_environment(store, plan.nodes["r"].key, torch="2.13.0", torch_threads=now_threads + 5)
     rewrite_environment(store, plan.nodes["e"].key, device="cuda", torch_threads=now_threads + 5)
     torch_now = importlib.metadata.version("torch")
 
-    again = make_plan(loaded, store)
+    assert all(not n.notes for n in make_plan(loaded, store).order())  # notes only when asked for (plan, status)
+    again = make_plan(loaded, store, environment_notes=True)
     r, e = again.nodes["r"], again.nodes["e"]
     assert r.status == e.status == CACHED  # information, not a re-run
     assert r.notes == [f"made with torch 2.13.0 (now {torch_now}), {now_threads + 5} threads (now {now_threads})"]

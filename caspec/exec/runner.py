@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .. import __version__
-from ..environment import environment
 from ..errors import CaspecError, ReviewPending, UsageError
 from ..ops.base import RunContext, UpstreamView
 from ..plan.graph import AWAITING, CACHED, Node, Plan, make_plan, rekey
@@ -202,6 +201,8 @@ class _Runner:
         with self.store.staging(node.key) as staged:
             ctx = self._context(node, staged)
             result = node.op.run(ctx)
+            from ..environment import environment  # here, not at import: a cached run never needs it
+
             meta = {"step_id": node.id, "spec": self.loaded.name, "caspec": __version__,
                     "seconds": round(time.monotonic() - start, 3), "finished": time.time(),
                     "environment": environment(self._device(node))}

@@ -118,8 +118,10 @@ def build_nodes(loaded: Any) -> dict[str, Node]:
 
 
 def make_plan(loaded: Any, store: Any, *, force: set[str] | frozenset[str] = frozenset(),
-              model_identity: dict[str, Any] | None = None) -> Plan:
-    """Compile ``loaded`` (a LoadedSpec) against ``store`` (read-only)."""
+              model_identity: dict[str, Any] | None = None, environment_notes: bool = False) -> Plan:
+    """Compile ``loaded`` (a LoadedSpec) against ``store`` (read-only). With ``environment_notes`` (what
+    ``caspec plan`` and ``caspec status`` show), cached steps made under another environment get ``notes``;
+    off by default, since asking the installed library versions costs a cached run measurable time."""
     nodes = build_nodes(loaded)
     if model_identity is None and any(n.op.USES_MODEL for n in nodes.values()):
         from ..models.load import model_identity as identify
@@ -136,7 +138,7 @@ def make_plan(loaded: Any, store: Any, *, force: set[str] | frozenset[str] = fro
         rekey(node, loaded, contents, model_identity, upstream)
         records[node.id] = store.get(node.key)
         _set_status(node, nodes, records[node.id], store, force, previous.get(node.id))
-        if node.status == CACHED:
+        if environment_notes and node.status == CACHED:
             _note_environment(node, records[node.id], now)
     return Plan(loaded=loaded, nodes=nodes, model_identity=model_identity)
 

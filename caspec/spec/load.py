@@ -1081,11 +1081,14 @@ def _check_clips(spec: Spec, src: _Source, spec_dir: Path) -> list[Problem]:
     """Every CLIP (`select` by clip, `eval`) has weights that can be found, before anything runs: a tag
     whose weights are in the local cache, a checkpoint file, weights caspec ships, or random weights only
     where asked for by name (`pretrained: random`) or where the model is `tiny`/`toy`. Pure: no torch."""
-    from ..metrics.clip import ClipWeightsError, check_weights, for_spec
     from .models import ClipSelect
 
     steps = [(("eval", sid), step.clip) for sid, step in spec.eval.items()]
     steps += [(("select", sid), step.clip or ClipSelect()) for sid, step in spec.select.items() if step.by == "clip"]
+    if not steps:
+        return []  # no CLIP: spare the import
+    from ..metrics.clip import ClipWeightsError, check_weights, for_spec
+
     problems = []
     for where, clip in steps:
         try:
