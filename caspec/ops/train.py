@@ -14,21 +14,14 @@ that made the asset, like its timings: a cached asset keeps those of its run, an
 """
 from __future__ import annotations
 
-import importlib.metadata
 from typing import Any
 
+from ..environment import library_versions
 from ..errors import StepFailed
 from .base import Op, RunContext
 
 LIBRARIES = ("caspec", "torch", "diffusers", "transformers", "peft")
 RUN_SETTINGS = ("checkpoint_every", "preview_every")  # not in the key: they never change the weights
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
-        return "unknown"
 
 
 class TrainOp(Op):
@@ -151,7 +144,7 @@ def _card(ctx: RunContext, p: dict[str, Any], words: list[Any], captions: list[s
                             "images": [{"id": img["id"], "digest": img["digest"], "prompt": img.get("prompt")}
                                        for img in images]},
         "key": ctx.key,
-        "libraries": {name: _version(name) for name in LIBRARIES},
+        "libraries": {name: library_versions()[name] or "unknown" for name in LIBRARIES},
         # what the weights are, never how this run went (time, resumption: in the record's meta["run"]),
         # so a resumed or re-run training that makes the same weights makes the same card
         "result": {k: summary.get(k) for k in ("initial_loss", "final_loss", "steps")},
