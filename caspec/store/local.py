@@ -58,11 +58,8 @@ from filelock import FileLock, Timeout
 
 from ..errors import StoreError
 from .base import GcReport, Record
-from .common import (STORE_VERSION, CorruptRecordWarning, check_key as _check_key,
-                     check_spec_name as _check_spec_name, encode_json as _encode_json, parse_record,
-                     pid_alive as _pid_alive,
-                     record_body, scan_staged as _scan_staged, valid_key as _valid_key)
-from .common import CorruptRecord as _Corrupt
+from .common import (STORE_VERSION, CorruptRecord, CorruptRecordWarning, check_key, check_spec_name, encode_json,
+                     parse_record, pid_alive, record_body, scan_staged, valid_key)
 from .hashing import sha256_file
 
 try:  # POSIX only; elsewhere gc and commits are not mutually excluded
@@ -222,7 +219,7 @@ def _tree_size(path: Path) -> int:
 def _parse_tmp_name(name: str) -> tuple[str | None, int | None]:
     """(key, pid) from a staging dir name ``<key>.<pid>.<rand>``; Nones if it is not one."""
     parts = name.split(".")
-    if len(parts) != 3 or not _valid_key(parts[0]) or not parts[1].isdigit():
+    if len(parts) != 3 or not valid_key(parts[0]) or not parts[1].isdigit():
         return None, None
     return parts[0], int(parts[1])
 
@@ -334,7 +331,7 @@ class LocalStore:
             raise StoreError(f"cannot read action record {path}: {exc}") from exc
         try:
             return self._parse_record(key, data)
-        except _Corrupt as exc:
+        except CorruptRecord as exc:
             if warn:
                 warnings.warn(CorruptRecordWarning(f"ignoring corrupt action record {path}: {exc}"), stacklevel=3)
             return None
@@ -344,14 +341,14 @@ class LocalStore:
 
         A malformed key (e.g. "") is simply absent here; writing ops raise StoreError for it.
         """
-        if not _valid_key(key):
+        if not valid_key(key):
             return False
         self._check_version()
         return self._load_record(key, warn=True) is not None
 
     def get(self, key: str) -> Record | None:
         """The record for ``key``, or None if absent, malformed or corrupt (corrupt: CorruptRecordWarning)."""
-        if not _valid_key(key):
+        if not valid_key(key):
             return None
         self._check_version()
         return self._load_record(key, warn=True)
@@ -367,12 +364,12 @@ class LocalStore:
                 continue
             for path in sorted(shard.glob("*.json")):
                 key = path.name[:-5]
-                if _valid_key(key) and (record := self._load_record(key, warn=True)) is not None:
+                if valid_key(key) and (record := self._load_record(key, warn=True)) is not None:
                     yield record
 
     def drop(self, key: str) -> None:
         """Remove the record for ``key`` (its objects stay until gc)."""
-        _check_key(key)
+        check_key(key)
         self._check_version()
         with self._oserrors(f"dropping {key}"):
             self._record_path(key).unlink(missing_ok=True)
@@ -426,7 +423,7 @@ class LocalStore:
 
         ``timeout`` defaults to the store's ``lock_timeout`` (6 hours; None waits forever).
         """
-        _check_key(key)
+        check_key(key)
         self._ensure()
         wait = self.lock_timeout if timeout is None else timeout
         flock = self._file_lock(key, wait)
@@ -443,7 +440,7 @@ class LocalStore:
     @contextmanager
     def try_lock(self, key: str) -> Iterator[bool]:
         """Take the per-key lock without waiting; yields True if held, False if someone else has it."""
-        _check_key(key)
+        check_key(key)
         self._ensure()
         flock = self._file_lock(key, 0)
         try:
@@ -483,7 +480,7 @@ class LocalStore:
     @contextmanager
     def staging(self, key: str) -> Iterator[Path]:
         """A fresh dir ``tmp/<key>.<pid>.<rand>/`` for a step's outputs; removed on exit either way."""
-        _check_key(key)
+        check_key(key)
         self._ensure()
         with self._oserrors("creating a staging dir"):
             path = Path(tempfile.mkdtemp(prefix=f"{key}.{os.getpid()}.", dir=self.root / "tmp"))
@@ -549,16 +546,16 @@ class LocalStore:
         """Move every file under ``staged`` into objects/, then write the record (last); return the record
         now stored. The first record committed for a key wins unless ``overwrite``: see
         :meth:`caspec.store.base.Store.commit`."""
-        _check_key(key)
+        check_key(key)
         self._check_version()
-        files = _scan_staged(Path(staged))
+        files = scan_staged(Path(staged))
         with self._oserrors(f"hashing staged outputs of {key}"):
             outputs = {rel: {"digest": sha256_file(p), "size": p.stat().st_size} for rel, p in files}
         body = record_body(key, kind, material, outputs, result, meta)
-        data = _encode_json(body, f"the record of step key {key}")
+        data = encode_json(body, f"the record of step key {key}")
         try:
             record = dataclasses.replace(self._parse_record(key, data), committed=True)
-        except _Corrupt as exc:
+        except CorruptRecord as exc:
             raise StoreError(f"cannot commit step key {key}: {exc} (kind must be a str, material/result/meta dicts)") from None
         self._ensure()
         with self._oserrors(f"committing {key}"), self._gc_guard(shared=True):
@@ -580,7 +577,7 @@ class LocalStore:
 
     def read_state(self, spec_name: str) -> dict[str, Any]:
         """The saved state of a spec, {} if none (or unreadable: CorruptRecordWarning)."""
-        _check_spec_name(spec_name)
+        check_spec_name(spec_name)
         self._check_version()
         path = self._state_path(spec_name)
         try:
@@ -600,8 +597,8 @@ class LocalStore:
 
     def write_state(self, spec_name: str, state: dict[str, Any]) -> None:
         """Replace the saved state of a spec atomically."""
-        _check_spec_name(spec_name)
-        data = _encode_json(state, f"the state of spec {spec_name}")
+        check_spec_name(spec_name)
+        data = encode_json(state, f"the state of spec {spec_name}")
         self._ensure()
         with self._oserrors(f"writing the state of {spec_name}"), self._gc_guard(shared=True):
             _atomic_write(self._state_path(spec_name), data, self.durable)
@@ -651,7 +648,7 @@ class LocalStore:
             self._gc_stray_temp_files(shard, report, dry_run)
             for path in sorted(shard.glob("*.json")):
                 key = path.name[:-5]
-                record = self._load_record(key, warn=False) if _valid_key(key) else None
+                record = self._load_record(key, warn=False) if valid_key(key) else None
                 if record is not None and key in keep:
                     referenced.update(o["digest"] for o in record.outputs.values())
                     continue
@@ -675,7 +672,7 @@ class LocalStore:
             if str(path) in _ACTIVE_STAGING:
                 continue
             key, pid = _parse_tmp_name(path.name)
-            if pid is not None and pid != os.getpid() and _pid_alive(pid):
+            if pid is not None and pid != os.getpid() and pid_alive(pid):
                 continue
             with self._hold_if_free(key) as free:
                 if free:
