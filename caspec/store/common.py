@@ -114,3 +114,31 @@ def scan_staged(root: Path) -> list[tuple[str, Path]]:
                 else:
                     raise StoreError(f"staged output `{rel}` is not a regular file", hint="steps must write regular files")
     return sorted(found)
+
+
+class RecordLookups:
+    """``has`` and ``get`` as every store answers them, on top of the store's own ``_check_version()`` and
+    ``_load_record(key, warn=...)`` (None when the record is absent or corrupt)."""
+
+    def _check_version(self) -> None:  # pragma: no cover - provided by the store
+        raise NotImplementedError
+
+    def _load_record(self, key: str, *, warn: bool) -> Record | None:  # pragma: no cover - provided by the store
+        raise NotImplementedError
+
+    def has(self, key: str) -> bool:
+        """Whether a valid record exists for ``key`` (reads the record; never hashes or fetches objects).
+
+        A malformed key (e.g. "") is simply absent here; writing ops raise StoreError for it.
+        """
+        if not valid_key(key):
+            return False
+        self._check_version()
+        return self._load_record(key, warn=True) is not None
+
+    def get(self, key: str) -> Record | None:
+        """The record for ``key``, or None if absent, malformed or corrupt (corrupt: CorruptRecordWarning)."""
+        if not valid_key(key):
+            return None
+        self._check_version()
+        return self._load_record(key, warn=True)

@@ -58,8 +58,8 @@ from filelock import FileLock, Timeout
 
 from ..errors import StoreError
 from .base import GcReport, Record
-from .common import (STORE_VERSION, CorruptRecord, CorruptRecordWarning, check_key, check_spec_name, encode_json,
-                     parse_record, pid_alive, record_body, scan_staged, valid_key)
+from .common import (STORE_VERSION, CorruptRecord, CorruptRecordWarning, RecordLookups, check_key, check_spec_name,
+                     encode_json, parse_record, pid_alive, record_body, scan_staged, valid_key)
 from .hashing import sha256_file
 
 try:  # POSIX only; elsewhere gc and commits are not mutually excluded
@@ -227,7 +227,7 @@ def _parse_tmp_name(name: str) -> tuple[str | None, int | None]:
 # --------------------------------------------------------------------------- the store
 
 
-class LocalStore:
+class LocalStore(RecordLookups):
     """A content-addressed store in a local directory (see the module docstring)."""
 
     #: a verification result is cached only for files untouched this long (racy-timestamp guard)
@@ -335,23 +335,6 @@ class LocalStore:
             if warn:
                 warnings.warn(CorruptRecordWarning(f"ignoring corrupt action record {path}: {exc}"), stacklevel=3)
             return None
-
-    def has(self, key: str) -> bool:
-        """Whether a valid record exists for ``key`` (parses the record; never hashes objects).
-
-        A malformed key (e.g. "") is simply absent here; writing ops raise StoreError for it.
-        """
-        if not valid_key(key):
-            return False
-        self._check_version()
-        return self._load_record(key, warn=True) is not None
-
-    def get(self, key: str) -> Record | None:
-        """The record for ``key``, or None if absent, malformed or corrupt (corrupt: CorruptRecordWarning)."""
-        if not valid_key(key):
-            return None
-        self._check_version()
-        return self._load_record(key, warn=True)
 
     def records(self) -> Iterator[Record]:
         """All valid records, in key order (corrupt ones skipped with a warning)."""

@@ -57,7 +57,7 @@ from typing import Any, Iterator
 
 from ..errors import StoreError
 from .base import GcReport, Record
-from .common import (STORE_VERSION, CorruptRecord, CorruptRecordWarning, check_key, check_spec_name,
+from .common import (STORE_VERSION, CorruptRecord, RecordLookups, CorruptRecordWarning, check_key, check_spec_name,
                      encode_json, parse_record, pid_alive, record_body, scan_staged, valid_key)
 from .hashing import sha256_file
 
@@ -105,7 +105,7 @@ def _is_atomic_create(fs: Any) -> bool:
     return any(p in _ATOMIC_CREATE for p in protocols)
 
 
-class RemoteStore:
+class RemoteStore(RecordLookups):
     """A content-addressed store at an fsspec URL, with a local read-through cache (module docstring)."""
 
     #: the local ``root`` (the machine's object cache) is shared by every remote store of this machine, so
@@ -265,20 +265,6 @@ class RemoteStore:
                 warnings.warn(CorruptRecordWarning(f"ignoring corrupt action record {self._record_path(key)}: {exc}"),
                               stacklevel=3)
             return None
-
-    def has(self, key: str) -> bool:
-        """Whether a valid record exists for ``key`` (reads the record; fetches no object)."""
-        if not valid_key(key):
-            return False
-        self._check_version()
-        return self._load_record(key, warn=True) is not None
-
-    def get(self, key: str) -> Record | None:
-        """The record for ``key``, or None if absent, malformed or corrupt (corrupt: CorruptRecordWarning)."""
-        if not valid_key(key):
-            return None
-        self._check_version()
-        return self._load_record(key, warn=True)
 
     def records(self) -> Iterator[Record]:
         """All valid records, in key order (corrupt ones skipped with a warning)."""
