@@ -61,6 +61,33 @@ store_option = click.option("--store", metavar="DIR|URL", help="Store directory 
                             "(default: `.caspec/` beside the spec; env CASPEC_STORE).")
 
 
+def executor_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--executor, --ray-address, --threads, --resources (run and plan: the keys depend on them)."""
+    fn = click.option("--resources", multiple=True, metavar="KIND=cpus:N[,gpus:M]",
+                      help="Ray: the resources of a step kind's tasks (default: 1 GPU for model steps on a "
+                           "cluster with GPUs, else `--threads` CPUs). Repeatable.")(fn)
+    fn = click.option("--threads", type=click.IntRange(1), default=None,
+                      help="torch CPU threads per step; part of CPU steps' keys (env CASPEC_THREADS; "
+                           "default: torch's own choice locally, 1 per Ray task).")(fn)
+    fn = click.option("--ray-address", metavar="ADDR", default=None,
+                      help="Ray cluster to join (env CASPEC_RAY_ADDRESS; default: start a local one).")(fn)
+    fn = click.option("--executor", type=click.Choice(["local", "ray"]), envvar="CASPEC_EXECUTOR",
+                      default="local", show_default=True, help="Where steps run (env CASPEC_EXECUTOR).")(fn)
+    return fn
+
+
+def _executor(executor: str, ray_address: str | None, threads: int | None, resources: tuple[str, ...]) -> Any:
+    if executor == "ray":
+        from .exec.ray_backend import RayExecutor, parse_resources
+
+        return RayExecutor(ray_address, threads=threads, resources=parse_resources(resources))
+    if ray_address or resources:
+        raise UsageError("--ray-address and --resources need `--executor ray`")
+    from .exec.local import LocalExecutor
+
+    return LocalExecutor(threads)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="caspec")
 def main() -> None:
@@ -79,16 +106,21 @@ def main() -> None:
 @click.option("--until", multiple=True, metavar="STEP", help="Run this step and everything it needs. Repeatable.")
 @click.option("--force", multiple=True, metavar="STEP", help="Run this step even if cached. Repeatable.")
 @click.option("--dry-run", is_flag=True, help="Show what would run; write nothing.")
+@executor_options
 @_guard
 def run(spec: str, store: str | None, only: tuple[str, ...], until: tuple[str, ...], force: tuple[str, ...],
-        dry_run: bool) -> int:
-    """Run SPEC: execute every step that is not cached, in dependency order."""
+        dry_run: bool, executor: str, ray_address: str | None, threads: int | None,
+        resources: tuple[str, ...]) -> int:
+    """Run SPEC: execute every step that is not cached, in dependency order.
+
+    With `--executor ray`, every step whose upstream is done runs at once as a Ray task."""
     from .exec.progress import RichReporter
     from .exec.runner import run as run_spec
 
     loaded = _load(spec)
+    the_executor = _executor(executor, ray_address, threads, resources)
     summary = run_spec(loaded, _store_for(loaded, store), only=only, until=until, force=force,
-                       dry_run=dry_run, reporter=RichReporter())
+                       dry_run=dry_run, reporter=RichReporter(), executor=the_executor)
     _report_run(summary, loaded, dry_run)
     return summary.exit_code
 
@@ -118,8 +150,10 @@ def _report_run(summary: Any, loaded: Any, dry_run: bool) -> None:
 @click.argument("spec", type=click.Path(dir_okay=False))
 @store_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (a list of steps).")
+@executor_options
 @_guard
-def plan(spec: str, store: str | None, as_json: bool) -> int:
+def plan(spec: str, store: str | None, as_json: bool, executor: str, ray_address: str | None,
+         threads: int | None, resources: tuple[str, ...]) -> int:
     """Show each step of SPEC: key, status (cached, run, awaiting-review, blocked) and why.
 
     A key shown as `~abc...` is provisional: the step runs after an upstream step, and its key follows
@@ -128,7 +162,12 @@ def plan(spec: str, store: str | None, as_json: bool) -> int:
     from .plan.graph import make_plan
 
     loaded = _load(spec)
-    the_plan = make_plan(loaded, _store_for(loaded, store), environment_notes=True)
+    the_store = _store_for(loaded, store)
+    the_executor = _executor(executor, ray_address, threads, resources)
+    try:
+        the_plan = make_plan(loaded, the_store, environment_notes=True, compute=the_executor.compute(loaded))
+    finally:
+        the_executor.stop()
     if as_json:
         click.echo(json.dumps([n.to_json() for n in the_plan.order()], indent=2))
     else:

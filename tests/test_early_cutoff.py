@@ -72,9 +72,9 @@ def test_key_version_and_content_in_the_key(tmp_path):
         loaded, store = setup(tmp_path)
         go(loaded, store)
         p = plan(loaded, store)
-    assert KEY_VERSION == 2
+    assert KEY_VERSION == 3
     r, e = p.nodes["r"], p.nodes["e"]
-    assert e.material["key_version"] == 2
+    assert e.material["key_version"] == 3
     assert e.material["upstream"] == {"source": content_digest(store.get(r.key))}  # content, not r's key
     assert r.key not in str(e.material)
 

@@ -21,6 +21,8 @@ from caspec.store import LocalStore, open_store
 from caspec.store.hashing import sha256_bytes
 from caspec.store.remote import RemoteStore
 
+from s3server import S3, free_port  # noqa: E402  (tests/ is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 
 SPEC = """
@@ -35,45 +37,9 @@ edits:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class S3:
-    """A moto S3 server on 127.0.0.1 that can be stopped and started again (its data lives on in this
-    process, as a real server's would on disk)."""
-
-    def __init__(self, port: int, bucket: str):
-        self.port, self.bucket = port, bucket
-        self.url = f"s3://{bucket}/store"
-        self.server = None
-
-    def start(self) -> None:
-        from moto.server import ThreadedMotoServer
-
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
-
-    def client(self):
-        import boto3
-
-        return boto3.client("s3")
-
-    def keys(self, prefix: str = "store/") -> list[str]:
-        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
-        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
-
-
 @pytest.fixture
 def s3(monkeypatch, tmp_path):
-    server = S3(_free_port(), f"caspec-{uuid.uuid4().hex[:12]}")
+    server = S3(free_port(), f"caspec-{uuid.uuid4().hex[:12]}")
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.port}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
@@ -288,7 +254,7 @@ def test_generic_fsspec_backends_use_the_same_code(tmp_path):
 def test_unreachable_endpoint_is_one_clear_error(tmp_path, monkeypatch, s3):
     spec = tmp_path / "cloudy.yaml"
     spec.write_text(textwrap.dedent(SPEC))
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     code, out, err = cli("plan", str(spec), "--store", s3.url)
     assert code == 1

@@ -63,6 +63,8 @@ class Op:
     VERSION: ClassVar[int] = 1
     USES_MODEL: ClassVar[bool] = True
     IS_GATE: ClassVar[bool] = False  # a review gate: implements ``gate``
+    # does torch computation whose bytes depend on the device and CPU thread count (``exec.compute``)
+    TORCH_COMPUTE: ClassVar[bool] = True
 
     def params(self, step: Any, spec: Spec) -> dict[str, Any]:
         raise NotImplementedError

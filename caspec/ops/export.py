@@ -16,6 +16,7 @@ class ExportOp(Op):
     KIND = "export"
     VERSION = 1
     USES_MODEL = False
+    TORCH_COMPUTE = False
 
     def params(self, step: Any, spec: Any) -> dict[str, Any]:
         name = Path(step.asset).name if _is_path(step.asset) else step.asset

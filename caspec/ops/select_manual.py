@@ -20,6 +20,7 @@ class SelectManualOp(Op):
     KIND = "select"
     VERSION = 1
     USES_MODEL = False
+    TORCH_COMPUTE = False
     IS_GATE = True
 
     def params(self, step: Any, spec: Any) -> dict[str, Any]:

@@ -71,6 +71,7 @@ class Plan:
     loaded: Any
     nodes: dict[str, Node]  # in topological order
     model_identity: dict[str, Any] | None
+    compute: Any = None  # caspec.exec.compute.Compute: the device and threads the keys promise
 
     def order(self) -> list[Node]:
         return list(self.nodes.values())
@@ -118,15 +119,22 @@ def build_nodes(loaded: Any) -> dict[str, Node]:
 
 
 def make_plan(loaded: Any, store: Any, *, force: set[str] | frozenset[str] = frozenset(),
-              model_identity: dict[str, Any] | None = None, environment_notes: bool = False) -> Plan:
+              model_identity: dict[str, Any] | None = None, environment_notes: bool = False,
+              compute: Any = None) -> Plan:
     """Compile ``loaded`` (a LoadedSpec) against ``store`` (read-only). With ``environment_notes`` (what
     ``caspec plan`` and ``caspec status`` show), cached steps made under another environment get ``notes``;
-    off by default, since asking the installed library versions costs a cached run measurable time."""
+    off by default, since asking the installed library versions costs a cached run measurable time.
+    ``compute`` (a :class:`caspec.exec.compute.Compute`) is what the executor will run torch steps on;
+    default: the local executor's."""
     nodes = build_nodes(loaded)
     if model_identity is None and any(n.op.USES_MODEL for n in nodes.values()):
         from ..models.load import model_identity as identify
 
         model_identity = identify(loaded.spec.model, loaded.dir)
+    if compute is None and any(n.op.TORCH_COMPUTE for n in nodes.values()):
+        from ..exec.compute import local_compute
+
+        compute = local_compute(loaded)
     previous = store.read_state(loaded.name).get("steps", {})
     digests: dict[Path, str] = {}
     records: dict[str, Any] = {}  # step id -> the record under its (possibly provisional) key, or None
@@ -135,16 +143,16 @@ def make_plan(loaded: Any, store: Any, *, force: set[str] | frozenset[str] = fro
         node.input_digests = {role: _file_digest(p, digests) for role, p in node.inputs.items()}
         contents, node.pending = _upstream_contents(node, nodes, records)
         upstream = _cached_upstream(node, nodes, records) if node.op.IS_GATE else None
-        rekey(node, loaded, contents, model_identity, upstream)
+        rekey(node, loaded, contents, model_identity, upstream, compute)
         records[node.id] = store.get(node.key)
         _set_status(node, nodes, records[node.id], store, force, previous.get(node.id))
         if environment_notes and node.status == CACHED:
             _note_environment(node, records[node.id], now)
-    return Plan(loaded=loaded, nodes=nodes, model_identity=model_identity)
+    return Plan(loaded=loaded, nodes=nodes, model_identity=model_identity, compute=compute)
 
 
 def rekey(node: Node, loaded: Any, upstream_contents: dict[str, str], model_identity: dict[str, Any] | None,
-          upstream: dict[str, Any] | None = None) -> None:
+          upstream: dict[str, Any] | None = None, compute: Any = None) -> None:
     """(Re)compute a node's gate state, key material and key from the content digests of its upstream
     records (``keys.content_digest``, or a stand-in for one not yet run) and, for review gates, the
     upstream outputs when they exist, which resolves manifests pre-filled by candidate id."""
@@ -155,7 +163,8 @@ def rekey(node: Node, loaded: Any, upstream_contents: dict[str, str], model_iden
         inputs["review"] = node.gate.material
     node.material = key_material(
         kind=node.kind, op_version=node.op.VERSION, params=node.params,
-        model=model_identity if node.op.USES_MODEL else None, inputs=inputs, upstream=upstream_contents)
+        model=model_identity if node.op.USES_MODEL else None, inputs=inputs, upstream=upstream_contents,
+        compute=compute.for_node(node) if compute is not None else None)
     node.key = cache_key(node.material)
 
 

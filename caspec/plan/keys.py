@@ -1,7 +1,8 @@
 """The cache key recipe: sha256 of canonical JSON over everything that decides a step's output.
 
-Key material = {key_version, kind, op_version, params, model, inputs, upstream}:
-resolved parameters, the model's identity (file hashes / pinned commit / tiny's build recipe),
+Key material = {key_version, kind, op_version, params, model, compute, inputs, upstream}:
+resolved parameters, the model's identity (file hashes / pinned commit / tiny's build recipe), what a
+torch step computes on (device, and on a CPU the thread count: ``caspec.exec.compute``),
 digests of the user files a step reads, and, per upstream role, the *content digest* of the upstream
 record the step consumes (:func:`content_digest`: its output files and its result), not the upstream's
 key. So a step stays cached while its upstream's bytes stay the same, even when the upstream re-ran
@@ -17,7 +18,7 @@ from typing import Any
 
 from ..store.hashing import sha256_json
 
-KEY_VERSION = 2  # 2: upstream enters as the content digest of its record (was: its key)
+KEY_VERSION = 3  # 2: upstream enters as the content digest of its record (was: its key); 3: `compute`
 PENDING = "pending:"
 
 
@@ -41,13 +42,15 @@ def is_pending(value: Any) -> bool:
 
 
 def key_material(*, kind: str, op_version: int, params: dict[str, Any], model: dict[str, Any] | None,
-                 inputs: dict[str, str], upstream: dict[str, str]) -> dict[str, Any]:
+                 inputs: dict[str, str], upstream: dict[str, str],
+                 compute: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "key_version": KEY_VERSION,
         "kind": kind,
         "op_version": op_version,
         "params": params,
         "model": model,
+        "compute": compute,
         "inputs": inputs,
         "upstream": upstream,
     }

@@ -142,3 +142,9 @@ class RecordLookups:
             return None
         self._check_version()
         return self._load_record(key, warn=True)
+
+
+def reopen(cls: type, location: str, options: dict[str, Any]) -> Any:
+    """Unpickle a store: open ``cls`` at ``location`` afresh (stores' ``__reduce__``)."""
+    return cls(location, **options)
+

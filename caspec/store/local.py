@@ -59,7 +59,7 @@ from filelock import FileLock, Timeout
 from ..errors import StoreError
 from .base import GcReport, Record
 from .common import (STORE_VERSION, CorruptRecord, CorruptRecordWarning, RecordLookups, check_key, check_spec_name,
-                     encode_json, parse_record, pid_alive, record_body, scan_staged, valid_key)
+                     encode_json, parse_record, pid_alive, record_body, reopen, scan_staged, valid_key)
 from .hashing import sha256_file
 
 try:  # POSIX only; elsewhere gc and commits are not mutually excluded
@@ -244,6 +244,10 @@ class LocalStore(RecordLookups):
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
+
+    def __reduce__(self) -> Any:
+        """A store travels (to a Ray worker) as its address and settings; per-process state starts afresh."""
+        return reopen, (LocalStore, str(self.root), {"lock_timeout": self.lock_timeout, "durable": self.durable})
 
     # ---------------------------------------------------------------- paths
 

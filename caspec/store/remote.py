@@ -58,7 +58,7 @@ from typing import Any, Iterator
 from ..errors import StoreError
 from .base import GcReport, Record
 from .common import (STORE_VERSION, CorruptRecord, RecordLookups, CorruptRecordWarning, check_key, check_spec_name,
-                     encode_json, parse_record, pid_alive, record_body, scan_staged, valid_key)
+                     encode_json, parse_record, pid_alive, record_body, reopen, scan_staged, valid_key)
 from .hashing import sha256_file
 
 DEFAULT_LEASE_SECONDS = 120.0
@@ -131,6 +131,13 @@ class RemoteStore(RecordLookups):
 
     def __repr__(self) -> str:
         return f"RemoteStore({self.url!r}, cache={str(self.root)!r})"
+
+    def __reduce__(self) -> Any:
+        """A store travels (to a Ray worker) as its URL and settings; the worker uses its own machine's
+        object cache (``default_cache`` there) and its own credentials."""
+        options = {"lock_timeout": self.lock_timeout, "lease_seconds": self.lease_seconds,
+                   "gc_grace_seconds": self.gc_grace_seconds, "durable": self.durable}
+        return reopen, (RemoteStore, self.url, options)
 
     # ---------------------------------------------------------------- paths
 

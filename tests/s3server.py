@@ -1,0 +1,40 @@
+"""A real S3 endpoint for tests: moto's server mode on 127.0.0.1, stoppable and restartable."""
+from __future__ import annotations
+
+import socket
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class S3:
+    """A moto S3 server on 127.0.0.1 that can be stopped and started again (its data lives on in this
+    process, as a real server's would on disk)."""
+
+    def __init__(self, port: int, bucket: str):
+        self.port, self.bucket = port, bucket
+        self.url = f"s3://{bucket}/store"
+        self.server = None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3")
+
+    def keys(self, prefix: str = "store/") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
