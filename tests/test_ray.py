@@ -241,6 +241,22 @@ def test_a_killed_driver_loses_nothing_and_the_next_run_finishes(cluster, tmp_pa
     assert all(store.verify(r) == [] for r in store.records())
 
 
+def test_ctrl_c_cancels_the_running_tasks_and_keeps_finished_steps(cluster, tmp_path):
+    spec = library_spec(tmp_path, n=1, train_steps=200, checkpoint_every=5)
+    store_dir = tmp_path / "store"
+    driver = subprocess.Popen([*CASPEC, "run", str(spec), "--store", str(store_dir), *ray_args(cluster)],
+                              env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: _checkpoints(store_dir), 240, "a training checkpoint")
+    driver.send_signal(signal.SIGINT)
+    _, err = driver.communicate(timeout=60)
+    assert driver.returncode == 130, err
+    assert "interrupted: finished steps are kept" in err and "Traceback" not in err
+    _wait_for(lambda: not _task_pids("caspec:c0"), 30, "the training task to be cancelled")
+    store = LocalStore(store_dir)
+    kinds = sorted(r.kind for r in store.records())
+    assert kinds == ["edit", "root"] and all(store.verify(r) == [] for r in store.records())
+
+
 def test_a_review_gate_stops_only_its_branch_and_failures_keep_exit_codes(cluster, tmp_path):
     spec = tmp_path / "gated.yaml"
     spec.write_text(textwrap.dedent("""
