@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the moto server helper the tests use
+sys.path.insert(0, str(ROOT / "tests"))  # helpers shared with the tests (moto server, library spec)
 CASPEC = [sys.executable, "-m", "caspec"]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on 127.0.0.1 only
@@ -70,33 +70,10 @@ def pair(tmp: Path, no_slots: bool) -> None:
         print(f"| {name} | {secs:.1f} | {ratio:.2f}x |")
 
 
-LIBRARY = """version: 1
-name: library
-model: tiny
-defaults: {{seed: 5, steps: 10, resolution: 32}}
-roots:
-{roots}
-edits:
-{edits}
-concepts:
-{concepts}
-"""
-
-
-def library_spec(folder: Path, n: int) -> Path:
-    roots = "\n".join(f'  r{i}: {{prompt: "a photo of a robot number {i}", candidates: 1}}' for i in range(n))
-    edits = "\n".join(f'  e{i}: {{from: r{i}, prompts: ["a red robot {i}", "a blue robot {i}"], candidates: 1}}'
-                      for i in range(n))
-    concepts = "\n".join(
-        f'  c{i}: {{from: e{i}, words: [{{token: "<a{i}>", init: robot}}, {{token: "<b{i}{{k}}>", init: red}}], '
-        f'resolution: 32, train: {{phase1_steps: 30, phase2_steps: 30, checkpoint_every: 0}}}}' for i in range(n))
-    spec = folder / "library.yaml"
-    spec.write_text(LIBRARY.format(roots=roots, edits=edits, concepts=concepts))
-    return spec
-
-
 def library(tmp: Path, n: int = 4) -> None:
-    spec = library_spec(tmp, n)
+    from library import library_spec  # tests/library.py: the spec the Ray tests use, heavier here
+
+    spec = library_spec(tmp, n, steps=10, train_steps=30, strength=0.86)
     rows = []
     for name, extra, env in [("local executor (2 threads per step)", (), {}),
                              ("local executor (1 thread per step)", (), {"CASPEC_THREADS": "1"}),

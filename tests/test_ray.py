@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from s3server import S3, free_port  # noqa: E402  (tests/ is on sys.path)
+from library import library_spec  # noqa: E402  (tests/ is on sys.path)
+from s3server import S3, free_port  # noqa: E402
 
 from caspec.store import LocalStore
 from caspec.store.remote import RemoteStore
@@ -27,34 +28,6 @@ CASPEC = [sys.executable, "-m", "caspec"]
 RAY = str(Path(sys.executable).with_name("ray"))
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray binds and advertises 127.0.0.1 only
             "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-
-LIBRARY = """
-version: 1
-name: library
-model: tiny
-defaults: {{seed: 5, steps: 4, resolution: 32}}
-roots:
-{roots}
-edits:
-{edits}
-concepts:
-{concepts}
-"""
-
-
-def library_spec(folder: Path, n: int = 4, train_steps: int = 3, checkpoint_every: int = 0) -> Path:
-    """``n`` independent concepts: root -> 2 SDEdit variations -> two-phase training, each."""
-    roots = "\n".join(f'  r{i}: {{prompt: "a photo of a robot number {i}", candidates: 1}}' for i in range(n))
-    edits = "\n".join(f'  e{i}: {{from: r{i}, prompts: ["a red robot {i}", "a blue robot {i}"], candidates: 1, '
-                      f'strength: 0.5}}' for i in range(n))
-    concepts = "\n".join(
-        f'  c{i}: {{from: e{i}, words: [{{token: "<a{i}>", init: robot}}, {{token: "<b{i}{{k}}>", init: red}}], '
-        f'resolution: 32, train: {{phase1_steps: {train_steps}, phase2_steps: {train_steps}, '
-        f'checkpoint_every: {checkpoint_every}}}}}' for i in range(n))
-    spec = folder / "library.yaml"
-    spec.write_text(LIBRARY.format(roots=roots, edits=edits, concepts=concepts))
-    return spec
-
 
 def _wait_port(port: int, seconds: float = 60) -> None:
     deadline = time.monotonic() + seconds
@@ -202,12 +175,18 @@ def _task_pids(name: str) -> list[int]:
     return [int(p) for p in out]
 
 
-def test_a_worker_killed_mid_training_is_retried_and_resumes_from_its_checkpoint(cluster, tmp_path):
-    spec = library_spec(tmp_path, n=1, train_steps=40, checkpoint_every=5)
-    store_dir = tmp_path / "store"
+def training_driver(cluster, spec: Path, store_dir: Path) -> subprocess.Popen:
+    """A Ray driver of ``spec``, returned once a training step has written its first checkpoint."""
     driver = subprocess.Popen([*CASPEC, "run", str(spec), "--store", str(store_dir), *ray_args(cluster)],
                               env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: _checkpoints(store_dir), 240, "a training checkpoint")
+    return driver
+
+
+def test_a_worker_killed_mid_training_is_retried_and_resumes_from_its_checkpoint(cluster, tmp_path):
+    spec = library_spec(tmp_path, n=1, train_steps=40, checkpoint_every=5)
+    store_dir = tmp_path / "store"
+    driver = training_driver(cluster, spec, store_dir)
     pids = _wait_for(lambda: _task_pids("caspec:c0"), 30, "the training task's worker")
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
@@ -224,9 +203,7 @@ def test_a_worker_killed_mid_training_is_retried_and_resumes_from_its_checkpoint
 def test_a_killed_driver_loses_nothing_and_the_next_run_finishes(cluster, tmp_path):
     spec = library_spec(tmp_path, n=2, train_steps=40, checkpoint_every=5)
     store_dir = tmp_path / "store"
-    driver = subprocess.Popen([*CASPEC, "run", str(spec), "--store", str(store_dir), *ray_args(cluster)],
-                              env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: _checkpoints(store_dir), 240, "a training checkpoint")
+    driver = training_driver(cluster, spec, store_dir)
     driver.kill()
     driver.wait(30)
     store = LocalStore(store_dir)
@@ -244,9 +221,7 @@ def test_a_killed_driver_loses_nothing_and_the_next_run_finishes(cluster, tmp_pa
 def test_ctrl_c_cancels_the_running_tasks_and_keeps_finished_steps(cluster, tmp_path):
     spec = library_spec(tmp_path, n=1, train_steps=200, checkpoint_every=5)
     store_dir = tmp_path / "store"
-    driver = subprocess.Popen([*CASPEC, "run", str(spec), "--store", str(store_dir), *ray_args(cluster)],
-                              env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: _checkpoints(store_dir), 240, "a training checkpoint")
+    driver = training_driver(cluster, spec, store_dir)
     driver.send_signal(signal.SIGINT)
     _, err = driver.communicate(timeout=60)
     assert driver.returncode == 130, err
@@ -274,11 +249,16 @@ def test_a_review_gate_stops_only_its_branch_and_failures_keep_exit_codes(cluste
         concepts:
           ca: {from: picks, words: [{token: "<x1>", init: robot}], resolution: 32,
                train: {phase1_steps: 2, phase2_steps: 2}}
+          bad: {from: b, words: [{token: "<y1>", init: city}], resolution: 32,
+                train: {phase1_steps: 2, phase2_steps: 2, unet_targets: [no_such_module]}}
     """))
     res = caspec(cluster, "run", str(spec), "--store", str(tmp_path / "s"), *ray_args(cluster))
-    assert res.returncode == 3, res.stderr
-    assert "review:" in res.stderr and "done" not in res.stderr.splitlines()[-1]
+    assert res.returncode == 1, res.stderr  # a step failed in a worker (and a gate waits): 1, as locally
+    assert "error: step `bad` failed" in res.stderr and "no_such_module" in res.stderr, res.stderr
+    assert "review:" in res.stderr and "Traceback" not in res.stderr
     assert set(ran_steps(res.stderr)) == {"a", "b", "ea"}, res.stderr
+    line = next(x for x in res.stderr.splitlines() if x.split()[1:2] == ["ca"])
+    assert "blocked" in line, res.stderr  # only the gate's branch stopped
     only = caspec(cluster, "run", str(spec), "--store", str(tmp_path / "s"), "--only", "b", "--force", "b",
                   *ray_args(cluster))
     assert only.returncode == 0 and ran_steps(only.stderr) == ["b"], only.stderr
