@@ -1,7 +1,8 @@
 """The `caspec` command line: thin click commands over the load / plan / execute API.
 
 Data goes to stdout (plan tables, JSON, schema); logs, progress and errors go to stderr.
-Exit codes: 0 done, 1 a step failed, 2 bad spec or usage, 3 stopped at a review gate, 130 interrupted.
+Exit codes: 0 done, 1 a step failed, 2 bad spec or usage, 3 stopped at a review gate, 4 differs from the
+lock (``run --frozen``, ``lock --check``), 130 interrupted.
 """
 from __future__ import annotations
 
@@ -95,7 +96,8 @@ def main() -> None:
 
     \b
     Exit codes: 0 done, 1 a step failed, 2 bad spec or usage,
-                3 stopped at a review gate, 130 interrupted.
+                3 stopped at a review gate, 4 differs from the lock (--frozen, lock --check),
+                130 interrupted.
     """
 
 
@@ -106,21 +108,35 @@ def main() -> None:
 @click.option("--until", multiple=True, metavar="STEP", help="Run this step and everything it needs. Repeatable.")
 @click.option("--force", multiple=True, metavar="STEP", help="Run this step even if cached. Repeatable.")
 @click.option("--dry-run", is_flag=True, help="Show what would run; write nothing.")
+@click.option("--frozen", is_flag=True, help="Fail (exit 4) if anything differs from SPEC.lock, or a step would "
+              "run whose outputs the lock does not hold; a step whose new outputs differ from the lock fails.")
 @executor_options
 @_guard
 def run(spec: str, store: str | None, only: tuple[str, ...], until: tuple[str, ...], force: tuple[str, ...],
-        dry_run: bool, executor: str, ray_address: str | None, threads: int | None,
+        dry_run: bool, frozen: bool, executor: str, ray_address: str | None, threads: int | None,
         resources: tuple[str, ...]) -> int:
     """Run SPEC: execute every step that is not cached, in dependency order.
 
     With `--executor ray`, every step whose upstream is done runs at once as a Ray task."""
     from .exec.progress import RichReporter
     from .exec.runner import run as run_spec
+    from .plan.graph import make_plan
 
     loaded = _load(spec)
+    the_store = _store_for(loaded, store)
     the_executor = _executor(executor, ray_address, threads, resources)
-    summary = run_spec(loaded, _store_for(loaded, store), only=only, until=until, force=force,
-                       dry_run=dry_run, reporter=RichReporter(), executor=the_executor)
+    the_plan, locked = None, None
+    if frozen:
+        from .lock import check_frozen, lock_path
+
+        try:
+            the_plan = make_plan(loaded, the_store, force=set(force), compute=the_executor.compute(loaded))
+            locked = check_frozen(the_plan, the_store, lock_path(loaded))["steps"]
+        except BaseException:
+            the_executor.stop()
+            raise
+    summary = run_spec(loaded, the_store, only=only, until=until, force=force, dry_run=dry_run,
+                       reporter=RichReporter(), executor=the_executor, plan=the_plan, frozen=locked)
     _report_run(summary, loaded, dry_run)
     return summary.exit_code
 
@@ -129,10 +145,14 @@ def _report_run(summary: Any, loaded: Any, dry_run: bool) -> None:
     counts: dict[str, int] = {}
     for outcome in summary.outcomes.values():
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
-    order = ("ran", "would-run", "cached", "awaiting-review", "blocked", "failed")
+    order = ("ran", "would-run", "cached", "awaiting-review", "blocked", "failed", "differs-from-lock")
     tally = ", ".join(f"{counts[s]} {s}" for s in order if s in counts) or "nothing to do"
     for outcome in summary.by_status("failed"):
         _err(f"error: step `{outcome.id}` failed: {outcome.message}")
+        if outcome.hint:
+            _err(f"hint: {outcome.hint}")
+    for outcome in summary.by_status("differs-from-lock"):
+        _err(f"error: step `{outcome.id}` differs from the lock: {outcome.message}")
         if outcome.hint:
             _err(f"hint: {outcome.hint}")
     for outcome in summary.by_status("awaiting-review"):
@@ -183,6 +203,46 @@ def _print_plan(the_plan: Any) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + ("  " + r[4] if r[4] else ""))
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@store_option
+@click.option("--check", is_flag=True, help="Write nothing; exit 0 if SPEC.lock is current, 4 if not.")
+@executor_options
+@_guard
+def lock(spec: str, store: str | None, check: bool, executor: str, ray_address: str | None,
+         threads: int | None, resources: tuple[str, ...]) -> int:
+    """Write SPEC.lock: the environment, model, inputs, review decisions and every step's key and outputs.
+
+    \b
+    caspec lock SPEC            write (or refresh) SPEC.lock beside the spec
+    caspec lock SPEC --check    exit 0 if it is current, 4 (listing each difference) if not
+    caspec run SPEC --frozen    run only what the lock allows
+    """
+    from .errors import LockMismatch
+    from .lock import build_lock, check_current, lock_path, write_lock
+    from .plan.graph import make_plan
+
+    loaded = _load(spec)
+    the_store = _store_for(loaded, store)
+    the_executor = _executor(executor, ray_address, threads, resources)
+    try:
+        the_plan = make_plan(loaded, the_store, compute=the_executor.compute(loaded))
+    finally:
+        the_executor.stop()
+    path = lock_path(loaded)
+    if check:
+        diffs = check_current(the_plan, the_store, path)
+        if diffs:
+            raise LockMismatch(path, diffs)
+        _err(f"{os.path.relpath(path)} is current")
+        return 0
+    lock_data = build_lock(the_plan, the_store)
+    write_lock(path, lock_data)
+    done = sum(1 for s in lock_data["steps"].values() if "outputs" in s)
+    _err(f"wrote {os.path.relpath(path)}: {len(lock_data['steps'])} step(s), {done} with outputs")
+    return 0
 
 
 @main.command()

@@ -2,8 +2,9 @@
 
 The executor writes :func:`environment` into every action record's metadata; ``caspec plan`` compares a
 cached record's environment with the current one (:func:`differences`) and says where they differ.
-That is information, never a reason to re-run: keys do not contain the environment, so a store shared
-between machines serves the first result computed for a key (see the README's "Reproducibility").
+That is information, never a reason to re-run: keys do not contain library versions, so a store shared
+between machines serves the first result computed for a key (see the README's "Reproducibility"); what a
+torch step computes on (device, CPU threads) is in its key (``caspec.exec.compute``).
 
 Nothing here imports torch (planning must not): the thread count is asked of torch only when torch is
 already imported, and otherwise predicted the way torch chooses it.

@@ -1,7 +1,8 @@
 """The small tree of errors caspec raises, each knowing how to render itself for a person.
 
 Every error a user can cause derives from :class:`CaspecError` and carries an exit code:
-2 for bad specs or usage, 1 for a failed step, 3 for a run stopped at a review gate.
+2 for bad specs or usage, 1 for a failed step, 3 for a run stopped at a review gate, 4 for a run or lock
+that differs from the spec's lockfile (``caspec.lock``).
 The CLI prints ``str(err)`` (already formatted, with ``hint:`` lines) and exits with ``err.exit_code``.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ EXIT_OK = 0
 EXIT_STEP_FAILED = 1
 EXIT_BAD_SPEC = 2
 EXIT_REVIEW = 3
+EXIT_FROZEN = 4
 EXIT_INTERRUPTED = 130
 
 
@@ -134,8 +136,27 @@ class StoreError(CaspecError):
     exit_code = EXIT_STEP_FAILED
 
 
+class LockError(CaspecError):
+    """A lockfile that is missing, unreadable or not one caspec wrote."""
+
+    exit_code = EXIT_BAD_SPEC
+
+
+class LockMismatch(CaspecError):
+    """The spec, its inputs, the model or the environment differ from the lock (``--frozen``, ``--check``)."""
+
+    exit_code = EXIT_FROZEN
+
+    def __init__(self, path: object, differences: list[str], hint: str | None = None):
+        self.path, self.differences = path, differences
+        lines = "\n".join(f"  - {d}" for d in differences)
+        super().__init__(f"{path}: {len(differences)} difference(s) from the lock:\n{lines}",
+                         hint or f"if the changes are intended, update the lock with `caspec lock "
+                                 f"{str(path)[:-5] if str(path).endswith('.lock') else 'SPEC'}`")
+
+
 __all__ = [
-    "EXIT_OK", "EXIT_STEP_FAILED", "EXIT_BAD_SPEC", "EXIT_REVIEW", "EXIT_INTERRUPTED",
+    "EXIT_OK", "EXIT_STEP_FAILED", "EXIT_BAD_SPEC", "EXIT_REVIEW", "EXIT_FROZEN", "EXIT_INTERRUPTED",
     "CaspecError", "Problem", "SpecError", "UsageError", "ModelError", "PlanError",
-    "StepFailed", "ReviewPending", "ReviewError", "StoreError",
+    "StepFailed", "ReviewPending", "ReviewError", "StoreError", "LockError", "LockMismatch",
 ]

@@ -20,7 +20,8 @@ class NullReporter:
 
 
 _MARK = {"ran": "[green]✓[/]", "cached": "[dim]·[/]", "awaiting-review": "[yellow]⏸[/]",
-         "blocked": "[dim]-[/]", "failed": "[red]✗[/]", "would-run": "[cyan]→[/]"}
+         "blocked": "[dim]-[/]", "failed": "[red]✗[/]", "would-run": "[cyan]→[/]",
+         "differs-from-lock": "[red]≠[/]"}
 
 
 class RichReporter(NullReporter):

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from ..errors import UsageError
+from ..errors import EXIT_FROZEN, UsageError
 from ..ops.base import UpstreamView
 from ..plan.graph import AWAITING, CACHED, Node, Plan, make_plan, rekey
 from ..plan.keys import content_digest
@@ -30,8 +30,8 @@ from .step import OK, PENDING_REVIEW, JobResult, StepJob, checkpoint_dir, out_di
 __all__ = ["run", "RunSummary", "StepOutcome", "select_steps", "check_step_ids", "checkpoint_dir", "out_dir_for",
            "UpstreamView"]
 
-RAN, FAILED, WOULD_RUN = "ran", "failed", "would-run"
-STOPPED = (FAILED, AWAITING, "blocked")
+RAN, FAILED, WOULD_RUN, DIFFERS = "ran", "failed", "would-run", "differs-from-lock"
+STOPPED = (FAILED, DIFFERS, AWAITING, "blocked")
 
 
 @dataclass
@@ -53,6 +53,8 @@ class RunSummary:
         states = {o.status for o in self.outcomes.values()}
         if FAILED in states:
             return 1
+        if DIFFERS in states:
+            return EXIT_FROZEN
         if AWAITING in states:
             return 3
         return 0
@@ -87,8 +89,11 @@ def select_steps(plan: Plan, only: tuple[str, ...], until: tuple[str, ...]) -> s
 
 def run(loaded: Any, store: Any, *, only: tuple[str, ...] = (), until: tuple[str, ...] = (),
         force: tuple[str, ...] = (), dry_run: bool = False, reporter: Any = None,
-        plan: Plan | None = None, executor: Any = None) -> RunSummary:
-    """Run ``loaded`` against ``store``. Returns a summary; its ``exit_code`` is 0, 1 or 3.
+        plan: Plan | None = None, executor: Any = None, frozen: dict[str, Any] | None = None) -> RunSummary:
+    """Run ``loaded`` against ``store``. Returns a summary; its ``exit_code`` is 0, 1, 3 or 4.
+
+    ``frozen`` (a lock's ``steps``, ``caspec.lock``): a step whose exact key, or whose new outputs, differ
+    from the lock's ends ``differs-from-lock`` and stops its branch (exit 4).
 
     ``executor`` (``exec.local.LocalExecutor`` by default, or ``exec.ray_backend.RayExecutor``) runs the
     steps that are not cached; this function walks the plan, re-keys each step from the records its
@@ -103,6 +108,7 @@ def run(loaded: Any, store: Any, *, only: tuple[str, ...] = (), until: tuple[str
     chosen = select_steps(plan, only, until)
     summary = RunSummary(plan)
     runner = _Runner(plan, store, reporter, summary, dry_run, set(force), executor)
+    runner.frozen = frozen
     reporter.start(len(chosen))
     try:
         if not dry_run:
@@ -127,6 +133,7 @@ class _Runner:
         self.records: dict[str, Any] = {}
         self.done: dict[str, str] = {}
         self.running: dict[str, tuple[Node, float]] = {}  # step id -> (node, start) of submitted steps
+        self.frozen: dict[str, Any] | None = None
 
     # -- walking -------------------------------------------------------------------------------
     def walk(self, todo: list[Node]) -> None:
@@ -176,6 +183,11 @@ class _Runner:
         rekey(node, self.loaded, contents, self.plan.model_identity, upstream if node.op.IS_GATE else None,
               self.plan.compute)
         node.pending = []
+        locked = (self.frozen or {}).get(node.id)
+        if locked is not None and locked["key"] != node.key:
+            self._finish(node, DIFFERS, f"its key {node.short_key} is not the lock's {locked['key'][:12]}: "
+                         "the outputs it reads differ from the lock's")
+            return
         if node.id not in self.force:  # cached: no need to hand it to the executor
             record = usable_record(self.store, node.key, node.id, self.reporter.warn)
             if record is not None:
@@ -207,6 +219,16 @@ class _Runner:
                     self._completed(node, record, res.ran, start)
 
     def _completed(self, node: Node, record: Any, ran: bool, start: float) -> None:
+        locked = (self.frozen or {}).get(node.id)
+        if locked is not None and "outputs" in locked:
+            made = {rel: o["digest"] for rel, o in record.outputs.items()}
+            if made != locked["outputs"]:
+                differ = sorted(r for r in set(made) | set(locked["outputs"]) if made.get(r) != locked["outputs"].get(r))
+                self._finish(node, DIFFERS, f"its outputs differ from the lock's ({', '.join(differ[:3])}"
+                             f"{'…' if len(differ) > 3 else ''}): not bit-reproducible here",
+                             "the README's Reproducibility says what decides the bytes (device, thread "
+                             "count, library versions, kind of CPU)")
+                return
         self.records[node.id] = record
         self.done[node.id] = node.key
         self._materialize(node, record)
@@ -234,8 +256,8 @@ class _Runner:
         self.summary.outcomes[node.id] = StepOutcome(node.id, status, message, hint, seconds)
         if status == AWAITING:
             detail = "waits for review"
-        elif status == FAILED:
-            detail = "failed (see below)"
+        elif status in (FAILED, DIFFERS):
+            detail = "failed (see below)" if status == FAILED else "differs from the lock (see below)"
         elif status in STOPPED or status == WOULD_RUN:
             detail = message
         else:
