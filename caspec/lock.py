@@ -188,3 +188,47 @@ def check_frozen(plan: Any, store: Any, path: Path) -> dict[str, Any]:
 
 __all__ = ["LOCK_VERSION", "LOCKED_LIBRARIES", "lock_path", "build_lock", "dumps", "write_lock", "read_lock",
            "differences", "check_current", "check_frozen"]
+
+
+def verify(loaded: Any, lock: dict[str, Any], *, steps: tuple[str, ...] = (), executor: Any = None,
+           reporter: Any = None) -> list[dict[str, Any]]:
+    """Re-run ``steps`` (default: every step the lock holds outputs for), with what they need, in a scratch
+    store and a scratch ``out/``, and compare each one's output digests with the lock's.
+
+    Returns one row per step: ``{"step", "kind", "result", "detail"}`` with ``result`` ``equal``,
+    ``different`` (``detail`` names the files), ``not-run`` (it failed, or waits for a review) or
+    ``not-locked`` (the lock holds no outputs for it)."""
+    import tempfile
+
+    from .exec.runner import check_step_ids, run
+    from .plan.graph import make_plan
+    from .store import LocalStore
+
+    locked = lock["steps"]
+    with tempfile.TemporaryDirectory(prefix="caspec-verify-") as tmp:
+        scratch = LocalStore(Path(tmp) / "store")
+        compute = executor.compute(loaded) if executor is not None else None
+        plan = make_plan(loaded, scratch, compute=compute)
+        check_step_ids(plan, steps, "--step")
+        chosen = steps or tuple(sid for sid in plan.nodes if "outputs" in locked.get(sid, {}))
+        summary = run(loaded, scratch, until=chosen, plan=plan, executor=executor, reporter=reporter,
+                      out_root=Path(tmp) / "out")
+        rows = []
+        for sid in chosen:
+            node = plan.nodes[sid]
+            row = {"step": sid, "kind": node.kind}
+            want = locked.get(sid, {}).get("outputs")
+            record = scratch.get(node.key) if summary.outcomes.get(sid) and summary.outcomes[sid].status in (
+                "ran", "cached") else None
+            if want is None:
+                row.update(result="not-locked", detail="the lock holds no outputs for it")
+            elif record is None:
+                outcome = summary.outcomes.get(sid)
+                row.update(result="not-run", detail=outcome.message if outcome else "")
+            else:
+                made = {rel: o["digest"] for rel, o in record.outputs.items()}
+                differ = sorted(r for r in set(made) | set(want) if made.get(r) != want.get(r))
+                row.update(result="equal" if not differ else "different",
+                           detail=", ".join(differ[:4]) + ("…" if len(differ) > 4 else ""))
+            rows.append(row)
+    return rows

@@ -187,3 +187,38 @@ def test_tiny_frozen_rerun_in_a_fresh_store_gives_the_locked_bytes(tmp_path):
     assert code == 0 and "done: 2 ran" in err, err
     code, _, err = cli("run", str(spec), "--frozen", "--store", str(tmp_path / "other"), "--threads", "7")
     assert code == 4 and "step `robot`: key" in err, err  # another thread count: other keys, refused
+
+
+def test_in_ci_a_pending_review_names_the_manifest_to_commit(tmp_path, monkeypatch):
+    spec = make(tmp_path, GATED)
+    monkeypatch.setenv("CI", "true")
+    with fake_ops():
+        code, _, err = cli("run", str(spec))
+    assert code == 3, err
+    assert "ci: fill in `" in err and "picks.yaml` (keep: true" in err and "commit it" in err, err
+    monkeypatch.setenv("CI", "false")
+    with fake_ops():
+        code, _, err = cli("run", str(spec))
+    assert code == 3 and "ci: fill in" not in err
+
+
+def test_verify_reruns_in_a_scratch_store_and_prints_equal_or_different(tmp_path):
+    spec = make(tmp_path)
+    with fake_ops():
+        cli("run", str(spec))
+        cli("lock", str(spec))
+        out_before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*"))
+        store_before = sorted(p.name for p in (tmp_path / ".caspec").rglob("*.json"))
+        code, out, err = cli("verify", str(spec))
+        assert code == 0, err
+        rows = [line.split() for line in out.splitlines()[1:]]
+        assert sorted((r[0], r[2]) for r in rows) == [("e", "equal"), ("img", "equal"), ("r", "equal")]
+        code, out, _ = cli("verify", str(spec), "--step", "e", "--json")
+        assert code == 0 and [r["step"] for r in json.loads(out)] == ["e"]
+        assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*")) == out_before
+        assert sorted(p.name for p in (tmp_path / ".caspec").rglob("*.json")) == store_before
+        code, _, err = cli("verify", str(spec), "--step", "nope")
+        assert code == 2 and ("did you mean" in err or "steps:" in err), err
+    with fake_ops(root=NoisyRoot()):
+        code, out, _ = cli("verify", str(spec), "--step", "r")
+    assert code == 4 and "different" in out and "c000.png, c001.png" in out, out

@@ -89,11 +89,13 @@ def select_steps(plan: Plan, only: tuple[str, ...], until: tuple[str, ...]) -> s
 
 def run(loaded: Any, store: Any, *, only: tuple[str, ...] = (), until: tuple[str, ...] = (),
         force: tuple[str, ...] = (), dry_run: bool = False, reporter: Any = None,
-        plan: Plan | None = None, executor: Any = None, frozen: dict[str, Any] | None = None) -> RunSummary:
+        plan: Plan | None = None, executor: Any = None, frozen: dict[str, Any] | None = None,
+        out_root: Any = None) -> RunSummary:
     """Run ``loaded`` against ``store``. Returns a summary; its ``exit_code`` is 0, 1, 3 or 4.
 
     ``frozen`` (a lock's ``steps``, ``caspec.lock``): a step whose exact key, or whose new outputs, differ
-    from the lock's ends ``differs-from-lock`` and stops its branch (exit 4).
+    from the lock's ends ``differs-from-lock`` and stops its branch (exit 4). ``out_root``: lay outputs out
+    there instead of ``out/`` beside the spec (``caspec verify``'s scratch runs).
 
     ``executor`` (``exec.local.LocalExecutor`` by default, or ``exec.ray_backend.RayExecutor``) runs the
     steps that are not cached; this function walks the plan, re-keys each step from the records its
@@ -108,7 +110,7 @@ def run(loaded: Any, store: Any, *, only: tuple[str, ...] = (), until: tuple[str
     chosen = select_steps(plan, only, until)
     summary = RunSummary(plan)
     runner = _Runner(plan, store, reporter, summary, dry_run, set(force), executor)
-    runner.frozen = frozen
+    runner.frozen, runner.out_root = frozen, out_root
     reporter.start(len(chosen))
     try:
         if not dry_run:
@@ -134,6 +136,7 @@ class _Runner:
         self.done: dict[str, str] = {}
         self.running: dict[str, tuple[Node, float]] = {}  # step id -> (node, start) of submitted steps
         self.frozen: dict[str, Any] | None = None
+        self.out_root: Any = None
 
     # -- walking -------------------------------------------------------------------------------
     def walk(self, todo: list[Node]) -> None:
@@ -197,7 +200,8 @@ class _Runner:
                       upstream_keys={role: self.records[sid].key for role, sid in node.upstream.items()},
                       compute=self.plan.compute.for_node(node) if self.plan.compute is not None else None,
                       forced=node.id in self.force,
-                      source_out_dir=out_dir_for(self.loaded, node.upstream["source"]) if node.gate else None)
+                      source_out_dir=out_dir_for(self.loaded, node.upstream["source"], self.out_root)
+                      if node.gate else None)
         self.running[node.id] = (node, start)
         self.executor.submit(job, self.store, self.reporter)
 
@@ -237,7 +241,7 @@ class _Runner:
     # -- outputs -------------------------------------------------------------------------------
     def _materialize(self, node: Node, record: Any) -> None:
         """Copy a step's outputs to out/<spec>/<step>/ (the store stays the source of truth)."""
-        out = out_dir_for(self.loaded, node.id)
+        out = out_dir_for(self.loaded, node.id, self.out_root)
         marker = out / ".caspec-key"
         if marker.exists() and marker.read_text().strip() == record.key and all(
                 (out / rel).is_file() for rel in record.outputs):

@@ -63,8 +63,9 @@ def checkpoint_dir(store: Any, key: str) -> Path:
     return store.root / "checkpoints" / key
 
 
-def out_dir_for(loaded: Any, step_id: str) -> Path:
-    return loaded.dir / "out" / loaded.name / step_id
+def out_dir_for(loaded: Any, step_id: str, root: Path | None = None) -> Path:
+    """Where a step's outputs are laid out: ``out/<spec>/<step>/`` beside the spec (or under ``root``)."""
+    return (root if root is not None else loaded.dir / "out") / loaded.name / step_id
 
 
 def execute_job(job: StepJob, store: Any, *, progress: Callable[..., None] | None = None,
