@@ -108,13 +108,16 @@ def main() -> None:
 @click.option("--until", multiple=True, metavar="STEP", help="Run this step and everything it needs. Repeatable.")
 @click.option("--force", multiple=True, metavar="STEP", help="Run this step even if cached. Repeatable.")
 @click.option("--dry-run", is_flag=True, help="Show what would run; write nothing.")
+@click.option("--report", "report_md", metavar="FILE.md", help="Write a markdown report of the run (steps, eval "
+              "gates, compose thumbnails), e.g. to $GITHUB_STEP_SUMMARY.")
+@click.option("--junit", "junit_xml", metavar="FILE.xml", help="Write each step and eval gate as a JUnit testcase.")
 @click.option("--frozen", is_flag=True, help="Fail (exit 4) if anything differs from SPEC.lock, or a step would "
               "run whose outputs the lock does not hold; a step whose new outputs differ from the lock fails.")
 @executor_options
 @_guard
 def run(spec: str, store: str | None, only: tuple[str, ...], until: tuple[str, ...], force: tuple[str, ...],
-        dry_run: bool, frozen: bool, executor: str, ray_address: str | None, threads: int | None,
-        resources: tuple[str, ...]) -> int:
+        dry_run: bool, report_md: str | None, junit_xml: str | None, frozen: bool, executor: str,
+        ray_address: str | None, threads: int | None, resources: tuple[str, ...]) -> int:
     """Run SPEC: execute every step that is not cached, in dependency order.
 
     With `--executor ray`, every step whose upstream is done runs at once as a Ray task."""
@@ -138,6 +141,11 @@ def run(spec: str, store: str | None, only: tuple[str, ...], until: tuple[str, .
     summary = run_spec(loaded, the_store, only=only, until=until, force=force, dry_run=dry_run,
                        reporter=RichReporter(), executor=the_executor, plan=the_plan, frozen=locked)
     _report_run(summary, loaded, dry_run)
+    if report_md or junit_xml:
+        from .report import write_reports
+
+        for path in write_reports(summary, the_store, report=report_md, junit_path=junit_xml):
+            _err(f"report: {os.path.relpath(path)}")
     return summary.exit_code
 
 

@@ -76,3 +76,21 @@ def test_eval_json_plot_and_gate(built):
     code, _, err = cli("run", str(spec))
     assert code == 1
     assert "quality below threshold" in err and "identity_consistency" in err and "< 0.9999" in err
+
+
+def test_reports_show_compose_thumbnails_and_failed_gates(built, tmp_path):
+    """Runs after the gate was raised to 0.9999 above: the eval fails, and the reports say so."""
+    from junitparser import JUnitXml
+
+    spec, out = built
+    md, xml = tmp_path / "report.md", tmp_path / "report.xml"
+    code, _, err = cli("run", str(spec), "--report", str(md), "--junit", str(xml))
+    assert code == 1, err
+    cases = {c.name: c for s in JUnitXml.fromfile(str(xml)) for c in s}
+    assert cases["story"].is_passed and not cases["quality"].is_passed
+    gate = cases["quality: all identity_consistency >= 0.9999"]
+    assert "quality below threshold" in gate.result[0].message
+    text = md.read_text()
+    shots = [line.split('"')[1] for line in text.splitlines() if line.startswith("<img src=")]
+    assert len(shots) == 6 and all((md.parent / s).resolve().is_file() for s in shots)
+    assert all((md.parent / s).resolve().parent == (out / "story").resolve() for s in shots)
