@@ -55,6 +55,12 @@ def _store_for(loaded: Any | None, store: str | None) -> Any:
 def _load(spec: str) -> Any:
     from .spec.load import load_spec
 
+    if spec.endswith(".recipe.tar.gz") and os.path.isfile(spec):  # a recipe: its spec, unpacked beside it
+        from .recipe import open_recipe
+
+        path = open_recipe(Path(spec))
+        _err(f"recipe: {os.path.relpath(path)}")
+        return load_spec(path)
     return load_spec(spec)
 
 
@@ -293,6 +299,52 @@ def verify(spec: str, steps: tuple[str, ...], as_json: bool, executor: str, ray_
     if "different" in results:
         return 4
     return 1 if results & {"not-run", "not-locked"} else 0
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False), metavar="NAME.recipe.tar.gz",
+              help="The archive to write.")
+@store_option
+@_guard
+def pack(spec: str, out: str, store: str | None) -> int:
+    """Bundle SPEC, its lock, review manifests and input files into one recipe (no store, no weights).
+
+    SPEC.lock must be current (`caspec lock SPEC`). Re-run a recipe with `caspec run NAME.recipe.tar.gz`."""
+    from .errors import LockMismatch
+    from .lock import check_current, lock_path, read_lock
+    from .plan.graph import make_plan
+    from .recipe import SUFFIX
+    from .recipe import pack as pack_recipe
+
+    if not out.endswith(SUFFIX):
+        raise UsageError(f"-o {out}: a recipe's name ends with {SUFFIX}", hint=f"e.g. -o library{SUFFIX}")
+    loaded = _load(spec)
+    the_store = _store_for(loaded, store)
+    the_plan = make_plan(loaded, the_store)
+    path = lock_path(loaded)
+    diffs = check_current(the_plan, the_store, path)
+    if diffs:
+        raise LockMismatch(path, diffs, hint=f"refresh the lock first: `caspec lock {spec}`")
+    manifest = pack_recipe(the_plan, read_lock(path), path, Path(out))
+    click.echo(os.path.relpath(out))
+    _err(f"packed {len(manifest['files'])} file(s); no store, no model weights (model: "
+         f"{(manifest.get('model') or {}).get('kind', '?')})")
+    return 0
+
+
+@main.command()
+@click.argument("archive", type=click.Path(dir_okay=False, exists=True))
+@click.argument("target", required=False, type=click.Path(file_okay=False))
+@_guard
+def unpack(archive: str, target: str | None) -> int:
+    """Unpack a recipe into TARGET (default: beside it, named after it); print its spec's path."""
+    from .recipe import default_target
+    from .recipe import unpack as unpack_recipe
+
+    spec_path = unpack_recipe(Path(archive), Path(target) if target else default_target(Path(archive)))
+    click.echo(os.path.relpath(spec_path))
+    return 0
 
 
 @main.command()

@@ -136,6 +136,12 @@ class StoreError(CaspecError):
     exit_code = EXIT_STEP_FAILED
 
 
+class RecipeError(CaspecError):
+    """A recipe that cannot be packed, or an archive that is unsafe or damaged to unpack."""
+
+    exit_code = EXIT_BAD_SPEC
+
+
 class LockError(CaspecError):
     """A lockfile that is missing, unreadable or not one caspec wrote."""
 
@@ -158,5 +164,5 @@ class LockMismatch(CaspecError):
 __all__ = [
     "EXIT_OK", "EXIT_STEP_FAILED", "EXIT_BAD_SPEC", "EXIT_REVIEW", "EXIT_FROZEN", "EXIT_INTERRUPTED",
     "CaspecError", "Problem", "SpecError", "UsageError", "ModelError", "PlanError",
-    "StepFailed", "ReviewPending", "ReviewError", "StoreError", "LockError", "LockMismatch",
+    "StepFailed", "ReviewPending", "ReviewError", "StoreError", "LockError", "LockMismatch", "RecipeError",
 ]
