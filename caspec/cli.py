@@ -478,6 +478,35 @@ def assets_list(spec: str, store: str | None) -> int:
     return 0
 
 
+@assets.command("catalog")
+@click.argument("folder", required=False, type=click.Path(file_okay=False, exists=True))
+@click.option("--spec", type=click.Path(dir_okay=False), help="Catalog this spec's finished assets, with its eval metrics.")
+@click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False), help="Folder to write into.")
+@store_option
+@_guard
+def assets_catalog(folder: str | None, spec: str | None, out: str, store: str | None) -> int:
+    """Write OUT/catalog.json and an offline OUT/index.html for FOLDER's assets or --spec SPEC's."""
+    from .assets.catalog import entry_for, folder_assets, spec_metrics, write_catalog
+    from .assets.inspect import spec_assets
+
+    if (folder is None) == (spec is None):
+        raise UsageError("give a FOLDER of assets or --spec SPEC (one of them)",
+                         hint="e.g. caspec assets catalog --spec library.yaml -o catalog/")
+    metrics: dict[str, Any] = {}
+    if spec:
+        loaded = _load(spec)
+        the_store = _store_for(loaded, store)
+        infos, metrics, title = spec_assets(loaded, the_store), spec_metrics(loaded, the_store), loaded.name
+    else:
+        infos, title = folder_assets(Path(folder)), Path(folder).resolve().name
+    target = Path(out)
+    entries = [entry_for(info, metrics.get(info.name), target) for info in infos]
+    json_path, html_path = write_catalog(entries, target, title=f"caspec assets: {title}")
+    click.echo(os.path.relpath(html_path))
+    _err(f"{len(entries)} asset(s); {os.path.relpath(json_path)}")
+    return 0
+
+
 @assets.command("show")
 @click.argument("name")
 @click.option("--spec", type=click.Path(dir_okay=False), help="Look NAME up among this spec's assets.")

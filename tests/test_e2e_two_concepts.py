@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+from test_review_browser import chromium  # noqa: F401  (the headless Chromium fixture)
 from click.testing import CliRunner
 from PIL import Image
 
@@ -59,6 +61,49 @@ def test_exports(built):
         assert list(f.keys()) == ["emb_params"]
     with safe_open(str(out / "painting-bundle" / "painting.safetensors"), "pt") as f:
         assert any(k.startswith("bundle_emb.") for k in f.keys())
+
+
+def test_catalog_json_and_offline_page_in_headless_chromium(built, tmp_path, chromium):
+    """`caspec assets catalog --spec`: both assets, their eval metrics, previews that load from disk
+    only, and the diffusers snippet, checked in a real headless Chromium."""
+    from playwright.sync_api import sync_playwright
+
+    from test_review_browser import CHROMIUM_ARGS
+
+    spec, _ = built
+    out = tmp_path / "catalog"
+    code, stdout, err = cli("assets", "catalog", "--spec", str(spec), "-o", str(out))
+    assert code == 0, err
+    data = json.loads((out / "catalog.json").read_text())
+    assets = {a["name"]: a for a in data["assets"]}
+    assert set(assets) == {"dancer", "painting"}
+    dancer = assets["dancer"]
+    assert [w["token"] for w in dancer["pseudo_words"]] == ["<dance1>", "<robot1>", "<robot2>"]
+    assert dancer["base_model"] == "tiny" and dancer["previews"] and dancer["provenance"]["key"]
+    assert set(dancer["metrics"]) == {"quality.prompt_consistency", "quality.identity_consistency", "quality.n"}
+    assert "load_lora_weights" in dancer["usage"]["diffusers"] and "<lora:dancer:0.8>" in dancer["usage"]["a1111"]
+    code, _, err = cli("assets", "catalog", str(out.parent / "nothing-here"), "-o", str(out))
+    assert code == 2
+    code, _, err = cli("assets", "catalog", str(spec.parent / "out" / "two-concepts"), "-o", str(tmp_path / "c2"))
+    assert code == 0 and "2 asset(s)" in err, err  # a folder of asset folders
+
+    requests: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto((out / "index.html").as_uri())
+            assert page.get_by_test_id("count").inner_text() == "2 concept asset(s)"
+            assert page.locator("article.asset").count() == 2
+            page.wait_for_function("Array.from(document.images).every(i => i.complete)")
+            widths = page.evaluate("Array.from(document.images).map(i => i.naturalWidth)")
+            assert widths and all(w > 0 for w in widths)  # every preview loaded
+            assert "load_textual_inversion" in page.get_by_test_id("diffusers-dancer").inner_text()
+            assert "quality.identity_consistency" in page.get_by_test_id("asset-painting").inner_text()
+        finally:
+            browser.close()
+    assert requests and all(u.startswith("file://") for u in requests), requests  # offline: nothing else
 
 
 def test_eval_json_plot_and_gate(built):
