@@ -217,6 +217,10 @@ def test_verify_reruns_in_a_scratch_store_and_prints_equal_or_different(tmp_path
         assert code == 0 and [r["step"] for r in json.loads(out)] == ["e"]
         assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*")) == out_before
         assert sorted(p.name for p in (tmp_path / ".caspec").rglob("*.json")) == store_before
+        spec.with_name("t.yaml.lock").rename(tmp_path / "moved.lock")
+        code, _, err = cli("verify", str(spec))
+        assert code == 2 and "no lock file" in err, err
+        (tmp_path / "moved.lock").rename(spec.with_name("t.yaml.lock"))
         code, _, err = cli("verify", str(spec), "--step", "nope")
         assert code == 2 and ("did you mean" in err or "steps:" in err), err
     with fake_ops(root=NoisyRoot()):
