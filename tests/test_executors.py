@@ -259,3 +259,38 @@ def test_a_worker_refuses_other_weights_or_another_device(tmp_path):
         check_here(StepJob(node=node, loaded=loaded, upstream_keys={}, model_identity=other, compute=None))
     with pytest.raises(CaspecError, match="keyed for device cuda"):
         check_here(StepJob(node=node, loaded=loaded, upstream_keys={}, model_identity=here, compute={"device": "cuda"}))
+
+
+def test_gc_and_assets_keep_and_find_what_a_run_with_other_threads_built(tmp_path):
+    """A Ray run keys CPU steps for 1 thread each; `gc` and `assets` (planning with this machine's
+    threads) must still keep and find its entries: they also plan with the last run's compute."""
+    spec = tmp_path / "t.yaml"
+    spec.write_text(textwrap.dedent("""
+        version: 1
+        name: t
+        roots:
+          a: {prompt: "alpha", candidates: 1}
+        edits:
+          ea: {from: a, prompts: ["red"], candidates: 1}
+    """))
+    cli = CliRunner()
+    with fake_ops():
+        assert cli.invoke(main, ["run", str(spec), "--threads", "1"]).exit_code == 0
+        res = cli.invoke(main, ["gc", str(spec), "--dry-run"])
+        assert res.exit_code == 0 and "would remove 0 step(s)" in res.stdout, res.stdout
+        spec.write_text(spec.read_text().replace('"alpha"', '"beta"'))
+        assert cli.invoke(main, ["run", str(spec), "--threads", "1"]).exit_code == 0
+        res = cli.invoke(main, ["gc", str(spec)])
+    assert res.exit_code == 0 and "removed 2 step(s)" in res.stdout, res.stdout  # the old a and ea only
+
+
+@pytest.mark.slow
+def test_assets_list_finds_an_asset_built_with_other_threads(tmp_path):
+    from library import library_spec
+
+    spec = library_spec(tmp_path, n=1, train_steps=2)
+    cli = CliRunner()
+    res = cli.invoke(main, ["run", str(spec), "--threads", "1"])
+    assert res.exit_code == 0, res.stderr
+    res = cli.invoke(main, ["assets", "list", str(spec)])
+    assert res.exit_code == 0 and res.stdout.startswith("c0\t<a0>"), res.stdout + res.stderr

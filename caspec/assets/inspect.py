@@ -58,13 +58,21 @@ def _from_folder(folder: Path) -> AssetInfo:
 
 
 def spec_assets(loaded: Any, store: Any) -> list[AssetInfo]:
-    """The finished assets of a spec's `concepts` steps (current keys only)."""
+    """The finished assets of a spec's `concepts` steps (current keys: here, or as its last run keyed them)."""
     from ..exec.runner import out_dir_for
     from ..plan.graph import make_plan
 
+    from ..exec.compute import recorded_compute
+
     out = []
-    for node in make_plan(loaded, store).order():
+    plan = make_plan(loaded, store)
+    last = recorded_compute(store, loaded)
+    other = make_plan(loaded, store, compute=last).nodes if last is not None and last != plan.compute else {}
+    for node in plan.order():
         record = store.get(node.key) if node.kind == "train" else None
+        if record is None and node.id in other:  # built by a run with other threads (e.g. Ray's 1 per task)
+            node = other[node.id]
+            record = store.get(node.key) if node.kind == "train" else None
         if record is None:
             continue
         card = yaml.safe_load(record.file("card.yaml").read_text()) if "card.yaml" in record.outputs else {}

@@ -59,6 +59,24 @@ class Compute:
     def threads_for(self, kind: str) -> int:
         return self.threads.get(kind, self.default_threads)
 
+    def to_json(self) -> dict[str, Any]:
+        return {"device": self.device, "default_threads": self.default_threads, "threads": dict(self.threads)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> "Compute | None":
+        """The compute a run's state recorded (None if absent or malformed)."""
+        try:
+            return cls(str(data["device"]), int(data["default_threads"]),
+                       {str(k): int(v) for k, v in (data.get("threads") or {}).items()})
+        except (TypeError, KeyError, ValueError, AttributeError):
+            return None
+
+
+def recorded_compute(store: Any, loaded: Any) -> Compute | None:
+    """The compute of the spec's last run on ``store`` (its state), e.g. a Ray run's 1 thread per task:
+    ``gc`` and ``assets`` also look there, so that what another executor built is found and kept."""
+    return Compute.from_json(store.read_state(loaded.name).get("compute"))
+
 
 def local_compute(loaded: Any, threads: int | None = None) -> Compute:
     """The local executor's compute: the spec model's device here, ``threads`` (or the environment's)."""
@@ -79,4 +97,4 @@ def apply(compute: dict[str, Any] | None) -> None:
         torch.set_num_threads(int(compute["threads"]))
 
 
-__all__ = ["THREADS_ENV", "Compute", "threads_setting", "local_compute", "apply"]
+__all__ = ["THREADS_ENV", "Compute", "threads_setting", "local_compute", "recorded_compute", "apply"]

@@ -276,8 +276,10 @@ class _Runner:
         for sid, key in self.done.items():
             steps[sid] = {"key": key}
         steps = {sid: v for sid, v in steps.items() if sid in self.plan.nodes}
-        self.store.write_state(self.loaded.name, {"spec": str(self.loaded.path), "steps": steps,
-                                                   "updated": time.time()})
+        state = {"spec": str(self.loaded.path), "steps": steps, "updated": time.time()}
+        if self.plan.compute is not None:  # what the keys of this run promise (exec.compute.recorded_compute)
+            state["compute"] = self.plan.compute.to_json()
+        self.store.write_state(self.loaded.name, state)
 
 
 def _describe(record: Any) -> str:

@@ -41,23 +41,36 @@ def store_summary(store: Any) -> str:
 def live_keys(store: Any, loaded_specs: list[Any]) -> set[str]:
     """Keys that some current spec needs: the plans of the given specs and of every recorded spec on disk.
     A recorded spec that no longer loads keeps its last run's keys (never delete on a typo)."""
-    from ..plan.graph import make_plan
     from ..spec.load import load_spec
 
     keep: set[str] = set()
     seen: set[Path] = set()
     for loaded in loaded_specs:
-        keep |= {n.key for n in make_plan(loaded, store).order()}
+        keep |= _plan_keys(loaded, store)
         seen.add(loaded.path)
     for state in _recorded_specs(store).values():
         path = Path(state.get("spec", ""))
         if path in seen or not path.is_file():
             continue
         try:
-            keep |= {n.key for n in make_plan(load_spec(path), store).order()}
+            keep |= _plan_keys(load_spec(path), store)
         except CaspecError:
             keep |= {v.get("key", "") for v in state.get("steps", {}).values()}
     return keep
+
+
+def _plan_keys(loaded: Any, store: Any) -> set[str]:
+    """The keys of ``loaded``'s plan here, and under the compute of its last run if that differs (a Ray
+    run's CPU steps keyed for 1 thread each)."""
+    from ..exec.compute import recorded_compute
+    from ..plan.graph import make_plan
+
+    plan = make_plan(loaded, store)
+    keys = {n.key for n in plan.order()}
+    last = recorded_compute(store, loaded)
+    if last is not None and last != plan.compute:
+        keys |= {n.key for n in make_plan(loaded, store, compute=last).order()}
+    return keys
 
 
 def _stale_checkpoints(store: Any, keep: set[str]) -> list[Path]:
