@@ -40,8 +40,10 @@ def _env_threads(name: str) -> int | None:
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 
+@functools.cache
 def physical_cores() -> int:
-    """Physical CPU cores (Linux: distinct sibling sets in sysfs), else the logical CPU count."""
+    """Physical CPU cores (Linux: distinct sibling sets in sysfs), else the logical CPU count. Read once per
+    process: every plan and every CPU step asks."""
     siblings = set()
     for path in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology/core_cpus_list"):
         try:

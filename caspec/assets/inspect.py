@@ -60,14 +60,12 @@ def _from_folder(folder: Path) -> AssetInfo:
 def spec_assets(loaded: Any, store: Any) -> list[AssetInfo]:
     """The finished assets of a spec's `concepts` steps (current keys: here, or as its last run keyed them)."""
     from ..exec.runner import out_dir_for
-    from ..plan.graph import make_plan
-
-    from ..exec.compute import recorded_compute
+    from ..plan.graph import last_run_plan, make_plan
 
     out = []
     plan = make_plan(loaded, store)
-    last = recorded_compute(store, loaded)
-    other = make_plan(loaded, store, compute=last).nodes if last is not None and last != plan.compute else {}
+    last = last_run_plan(loaded, store, plan)
+    other = last.nodes if last is not None else {}
     for node in plan.order():
         record = store.get(node.key) if node.kind == "train" else None
         if record is None and node.id in other:  # built by a run with other threads (e.g. Ray's 1 per task)

@@ -151,6 +151,18 @@ def make_plan(loaded: Any, store: Any, *, force: set[str] | frozenset[str] = fro
     return Plan(loaded=loaded, nodes=nodes, model_identity=model_identity, compute=compute)
 
 
+def last_run_plan(loaded: Any, store: Any, plan: Plan) -> Plan | None:
+    """``loaded``'s plan under the compute its last run on ``store`` recorded, where that differs from
+    ``plan``'s (a Ray run keys CPU steps for 1 thread each); None otherwise. ``gc`` keeps, and ``assets``
+    finds, what either plan names."""
+    from ..exec.compute import recorded_compute
+
+    last = recorded_compute(store, loaded)
+    if last is None or last == plan.compute:
+        return None
+    return make_plan(loaded, store, model_identity=plan.model_identity, compute=last)
+
+
 def rekey(node: Node, loaded: Any, upstream_contents: dict[str, str], model_identity: dict[str, Any] | None,
           upstream: dict[str, Any] | None = None, compute: Any = None) -> None:
     """(Re)compute a node's gate state, key material and key from the content digests of its upstream

@@ -62,14 +62,12 @@ def live_keys(store: Any, loaded_specs: list[Any]) -> set[str]:
 def _plan_keys(loaded: Any, store: Any) -> set[str]:
     """The keys of ``loaded``'s plan here, and under the compute of its last run if that differs (a Ray
     run's CPU steps keyed for 1 thread each)."""
-    from ..exec.compute import recorded_compute
-    from ..plan.graph import make_plan
+    from ..plan.graph import last_run_plan, make_plan
 
     plan = make_plan(loaded, store)
     keys = {n.key for n in plan.order()}
-    last = recorded_compute(store, loaded)
-    if last is not None and last != plan.compute:
-        keys |= {n.key for n in make_plan(loaded, store, compute=last).order()}
+    if (last := last_run_plan(loaded, store, plan)) is not None:
+        keys |= {n.key for n in last.order()}
     return keys
 
 
