@@ -76,7 +76,7 @@ def test_txt2img_matches_diffusers(pipe):
     # given caspec's embeddings, the denoising loop gives the same latents bit for bit (decoding differs
     # only in that diffusers decodes the batch at once and caspec one image at a time)
     cond, uncond = S.encode_prompts(pipe, prompts, "", guidance_scale=7.5)
-    ref = sd(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=lat, num_inference_steps=STEPS,
+    ref = sd(prompt_embeds=cond.embeds, negative_prompt_embeds=uncond.embeds, latents=lat, num_inference_steps=STEPS,
              guidance_scale=7.5, height=64, width=64, output_type="latent").images
     sched = S._scheduler_copy(pipe)
     sched.set_timesteps(STEPS)
@@ -91,7 +91,8 @@ def test_encode_prompts_matches_diffusers(pipe):
     sd = StableDiffusionPipeline(**_components(pipe))
     cond, uncond = S.encode_prompts(pipe, ["a red cat"], "blurry", guidance_scale=7.5)
     ref_c, ref_u = sd.encode_prompt("a red cat", "cpu", 1, True, "blurry")
-    assert torch.equal(cond, ref_c) and torch.equal(uncond, ref_u)
+    assert torch.equal(cond.embeds, ref_c) and torch.equal(uncond.embeds, ref_u)
+    assert cond.pooled is None  # SD 1.x: no pooled embedding
 
 
 def test_initial_noise_is_the_seeds_own_cpu_generator(pipe):
@@ -161,7 +162,7 @@ def test_guidance_one_skips_the_unconditional_pass(pipe):
     cond, uncond = S.encode_prompts(pipe, ["a", "b"], "neg", guidance_scale=1.0)
     assert uncond is None and cond.shape == (2, 77, 32)
     cond2, uncond2 = S.encode_prompts(pipe, ["a", "b"], "neg", guidance_scale=7.5)
-    assert torch.equal(cond, cond2) and torch.equal(uncond2[0], uncond2[1])
+    assert torch.equal(cond.embeds, cond2.embeds) and torch.equal(uncond2.embeds[0], uncond2.embeds[1])
     with CallCounter(pipe.unet) as counter:
         S.txt2img(pipe, ["a", "b"], [1, 2], steps=3, guidance_scale=1.0, batch_size=2)
     assert counter.calls == [2, 2, 2]

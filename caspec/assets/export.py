@@ -44,6 +44,22 @@ pseudo-word without its angle brackets (``<shape1>`` -> ``shape1``) and ``<name>
     ``<name>.safetensors``: the kohya LoRA above plus each embedding as
     ``bundle_emb.<word>.string_to_param.*`` (tensor ``[1, d]``), the bundled-embedding convention A1111 and
     ComfyUI read from LoRA files (diffusers' loaders do not read bundles).
+
+SDXL assets (two text encoders):
+
+* embeddings are ``{"clip_l": [n, 768], "clip_g": [n, 1280]}`` per word, in ``diffusers`` and ``a1111`` alike:
+  the layout diffusers' SDXL pivotal-tuning script writes and A1111 and ComfyUI load; diffusers loads it with
+  ``pipe.load_textual_inversion(state["clip_l"], token=[...], text_encoder=pipe.text_encoder,
+  tokenizer=pipe.tokenizer)`` and the same with ``clip_g`` / ``text_encoder_2`` / ``tokenizer_2``;
+* ``pytorch_lora_weights.safetensors`` is packed by ``StableDiffusionXLLoraLoaderMixin.save_lora_weights``
+  (``unet.``, ``text_encoder.``, ``text_encoder_2.`` keys), read by ``StableDiffusionXLPipeline.load_lora_weights``;
+* kohya names follow kohya's SDXL naming (:mod:`caspec.assets.kohya_sdxl`): ``lora_unet_input_blocks_4_1_...``
+  (the SGM UNet layout), ``lora_te1_text_model_...``, ``lora_te2_text_model_...``; ``ss_base_model_version``
+  ``sdxl_base_v1-0``;
+* bundles hold ``bundle_emb.<word>.clip_l`` and ``bundle_emb.<word>.clip_g``.
+
+A word of ``n > 1`` vectors is exported as ``[n, d]`` everywhere (A1111's ``num_vectors_per_token``; diffusers
+loads it as ``<w>``, ``<w>_1``, ... and expands the word in prompts itself).
 """
 from __future__ import annotations
 
@@ -53,14 +69,17 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..fsutil import atomic_write_bytes
+from ..models.family import SDXL_EMBEDDING_KEYS
 from .format import COMPONENTS, Asset, adapter_name_for, safetensors_bytes
+from .kohya_sdxl import SDXL_BASE_LAYOUT, kohya_sdxl_name
 
 FORMATS = ("diffusers", "a1111", "bundle")
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 META_KEY = "caspec"  # header entry of every exported file (JSON)
 EXPORT_FORMAT = "caspec-concept-asset-export"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: family, per-encoder (SDXL) and multi-vector embeddings
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+KOHYA_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 BUNDLE_PREFIX = "bundle_emb."
 TEXT_MODEL = "text_model."  # CLIPTextModel's inner module (flattened away by recent transformers)
 
@@ -102,7 +121,10 @@ def with_text_model(module: str) -> str:
     return module if module.startswith(TEXT_MODEL) else TEXT_MODEL + module
 
 
-def kohya_name(comp: str, module: str) -> str:
+def kohya_name(comp: str, module: str, asset: Asset | None = None) -> str:
+    """The kohya LoRA layer name of ``comp``'s ``module`` (SDXL assets: kohya's SDXL naming)."""
+    if asset is not None and asset.family == "sdxl":
+        return kohya_sdxl_name(comp, module, asset.unet_layout or SDXL_BASE_LAYOUT)
     path = with_text_model(module) if comp == "text_encoder" else module
     return KOHYA_PREFIX[comp] + path.replace(".", "_")
 
@@ -117,6 +139,7 @@ def _asset_info(asset: Asset, fmt: str, words: Mapping[str, str]) -> dict[str, A
     base = (asset.card or {}).get("base_model") or {}
     return {
         "format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "export": fmt, "asset": asset.name,
+        "family": asset.family, "unet_layout": asset.unet_layout or None,
         "tokens": list(asset.tokens), "words": {t: words[t] for t in asset.tokens},
         "roles": {t: asset.roles.get(t, "") for t in asset.tokens},
         "init_words": {t: asset.init_words.get(t, "") for t in asset.tokens},
@@ -128,6 +151,7 @@ def _asset_info(asset: Asset, fmt: str, words: Mapping[str, str]) -> dict[str, A
 
 def _token_info(asset: Asset, token: str) -> dict[str, Any]:
     return {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "asset": asset.name, "token": token,
+            "family": asset.family,
             "index": asset.tokens.index(token), "role": asset.roles.get(token, ""),
             "init_word": asset.init_words.get(token, "")}
 
@@ -164,8 +188,16 @@ def _words(asset: Asset, taken: set[str] = frozenset()) -> dict[str, str]:
     return words
 
 
-def _emb(asset: Asset, token: str) -> Any:
-    return _f32(asset.embeddings[token]).reshape(1, -1)
+def _emb(asset: Asset, token: str, encoder: str = "text_encoder") -> Any:
+    """``token``'s vectors for ``encoder`` as ``[n, d]`` float32."""
+    return _f32(asset.rows(token, encoder))
+
+
+def embedding_tensors(asset: Asset, token: str, single_key: str) -> dict[str, Any]:
+    """One word's embedding file: ``{single_key: [n, d]}``, or SDXL's ``{"clip_l": ..., "clip_g": ...}``."""
+    if asset.family == "sdxl":
+        return {SDXL_EMBEDDING_KEYS[enc]: _emb(asset, token, enc) for enc in asset.encoders}
+    return {single_key: _emb(asset, token)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +231,7 @@ def _export_diffusers(asset: Asset, out: Path) -> list[Path]:
     layers = _checked_layers(asset)
     written: list[Path] = []
     for tok in asset.tokens:
-        data = safetensors_bytes({tok: _emb(asset, tok)}, _meta(_token_info(asset, tok), format="pt"))
+        data = safetensors_bytes(embedding_tensors(asset, tok, tok), _meta(_token_info(asset, tok), format="pt"))
         written.append(atomic_write_bytes(out / f"{words[tok]}.safetensors", data))
     if any(layers.values()):
         tensors, meta = diffusers_lora(asset, layers, out)
@@ -216,8 +248,10 @@ def diffusers_lora(asset: Asset, layers: Mapping[str, Mapping[str, tuple[Any, An
     itself is written by caspec (atomically, canonical header) with the ``lora_adapter_metadata`` entry
     that diffusers' default saver would have added.
     """
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
     from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
+
+    saver = StableDiffusionXLLoraLoaderMixin if asset.family == "sdxl" else StableDiffusionLoraLoaderMixin
 
     kwargs: dict[str, Any] = {}
     adapter_meta: dict[str, Any] = {}
@@ -226,7 +260,7 @@ def diffusers_lora(asset: Asset, layers: Mapping[str, Mapping[str, tuple[Any, An
             continue
         peft_sd = {}
         for module, (a, b) in layers[comp].items():
-            path = with_text_model(module) if comp == "text_encoder" else module
+            path = with_text_model(module) if comp != "unet" else module
             peft_sd[f"{path}.lora_A.weight"] = _f32(a)
             peft_sd[f"{path}.lora_B.weight"] = _f32(b)
         kwargs[f"{comp}_lora_layers"] = convert_state_dict_to_diffusers(peft_sd)
@@ -241,8 +275,7 @@ def diffusers_lora(asset: Asset, layers: Mapping[str, Mapping[str, tuple[Any, An
     def capture(weights: dict[str, Any], filename: str) -> None:
         captured.update(weights)
 
-    StableDiffusionLoraLoaderMixin.save_lora_weights(str(out), safe_serialization=True, save_function=capture,
-                                                     **kwargs)
+    saver.save_lora_weights(str(out), safe_serialization=True, save_function=capture, **kwargs)
     if not captured:
         raise RuntimeError("diffusers' save_lora_weights produced no tensors")
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
@@ -264,7 +297,7 @@ def kohya_lora(asset: Asset, layers: Mapping[str, Mapping[str, tuple[Any, Any]]]
     modules: dict[str, str] = {}
     for comp in COMPONENTS:
         for module, (a, b) in sorted((layers.get(comp) or {}).items()):
-            name = kohya_name(comp, module)
+            name = kohya_name(comp, module, asset)
             if name in modules:
                 raise ValueError(f"LoRA modules {modules[name]} and {comp}:{module} share the kohya name {name}")
             modules[name] = f"{comp}:{module}"
@@ -272,7 +305,8 @@ def kohya_lora(asset: Asset, layers: Mapping[str, Mapping[str, tuple[Any, Any]]]
             tensors[f"{name}.lora_up.weight"] = _f32(b)
             tensors[f"{name}.alpha"] = torch.tensor(float(asset.lora_alpha), dtype=torch.float32)
     header = {"ss_network_module": "networks.lora", "ss_network_dim": str(int(asset.lora_rank)),
-              "ss_network_alpha": repr(float(asset.lora_alpha)), "ss_base_model_version": "sd_v1"}
+              "ss_network_alpha": repr(float(asset.lora_alpha)),
+              "ss_base_model_version": KOHYA_BASE_VERSION.get(asset.family, "sd_v1")}
     return tensors, {**header, "modules": json.dumps(modules, sort_keys=True, separators=(",", ":"))}
 
 
@@ -283,7 +317,8 @@ def _kohya_file(asset: Asset, fmt: str, words: Mapping[str, str], *, bundle: boo
     info = {**_asset_info(asset, fmt, words), "modules": modules}
     if bundle:
         for tok in asset.tokens:
-            tensors[f"{BUNDLE_PREFIX}{words[tok]}.string_to_param.*"] = _emb(asset, tok)
+            for key, t in embedding_tensors(asset, tok, "string_to_param.*").items():
+                tensors[f"{BUNDLE_PREFIX}{words[tok]}.{key}"] = t
     if not tensors:
         raise ValueError(f"asset {asset.name} has no LoRA weights to write")
     return safetensors_bytes(tensors, {**header, **_meta(info)})
@@ -295,7 +330,7 @@ def _export_a1111(asset: Asset, out: Path) -> list[Path]:
     words = _words(asset, {name} if asset.has_lora else set())
     written = []
     for tok in asset.tokens:
-        data = safetensors_bytes({"emb_params": _emb(asset, tok)}, _meta(_token_info(asset, tok)))
+        data = safetensors_bytes(embedding_tensors(asset, tok, "emb_params"), _meta(_token_info(asset, tok)))
         written.append(atomic_write_bytes(out / f"{words[tok]}.safetensors", data))
     if asset.has_lora:
         written.append(atomic_write_bytes(out / f"{name}.safetensors", _kohya_file(asset, "a1111", words, bundle=False)))
@@ -312,4 +347,4 @@ def _export_bundle(asset: Asset, out: Path) -> list[Path]:
 
 
 __all__ = ["FORMATS", "DIFFUSERS_LORA_FILE", "META_KEY", "export_asset", "word_for", "lora_layers", "kohya_name",
-           "kohya_lora", "diffusers_lora", "with_text_model"]
+           "kohya_lora", "diffusers_lora", "with_text_model", "embedding_tensors"]

@@ -2,12 +2,16 @@
 
 An asset folder holds
 
-* ``embeddings.safetensors``: one float32 tensor of shape ``[d]`` per pseudo-word, keyed by the
-  token string (``d`` = the text encoder's hidden size). Header metadata: ``format``
-  (``caspec-concept-asset``), ``format_version``, ``tokens`` (JSON list, in training order),
-  ``roles`` and ``init_words`` (JSON objects token -> value);
+* ``embeddings.safetensors`` (format version 2): per text encoder and pseudo-word one float32 tensor
+  ``[n, d]``, keyed ``<component>:<token>`` (``text_encoder:<dance1>``; SDXL also
+  ``text_encoder_2:<dance1>``), ``n`` = the word's vectors (1 unless ``vectors: N``), ``d`` = that
+  encoder's width. Header metadata: ``format`` (``caspec-concept-asset``), ``format_version``,
+  ``family`` (``sd1``/``sd2``/``sdxl``), ``encoders`` (JSON list), ``tokens`` (JSON list, in training
+  order), ``roles``, ``init_words`` and ``vectors`` (JSON objects token -> value). Version 1 files
+  (SD 1.x, one ``[d]`` tensor keyed by the token) are still read;
 * ``lora.safetensors``: the LoRA weights in peft's key layout, prefixed by component:
-  ``unet.<module path>.lora_A.weight``, ``text_encoder.<module path>.lora_B.weight``, ... (from
+  ``unet.<module path>.lora_A.weight``, ``text_encoder.<module path>.lora_B.weight``,
+  ``text_encoder_2.`` (SDXL), ... (from
   ``peft.get_peft_model_state_dict``; the same layout diffusers' ``load_lora_weights`` reads for
   peft-style files). Header metadata: ``lora_rank``, ``lora_alpha``, ``unet_targets``,
   ``text_targets`` (JSON lists). No keys when training had no LoRA phase;
@@ -37,8 +41,10 @@ CARD_FILE = "card.yaml"
 LOSS_FILE = "loss.jsonl"
 PREVIEWS_DIR = "previews"
 FORMAT_NAME = "caspec-concept-asset"
-FORMAT_VERSION = 1
-COMPONENTS = ("text_encoder", "unet")  # LoRA key prefixes, in file order
+FORMAT_VERSION = 2
+READABLE_VERSIONS = ("1", "2")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet")  # LoRA key prefixes, in file order (text_encoder_2: SDXL)
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,19 +91,25 @@ def read_loss_log(path: str | Path) -> list[dict[str, Any]]:
 
 @dataclass
 class Asset:
-    """A loaded concept asset (tensors on the CPU, float32)."""
+    """A loaded concept asset (tensors on the CPU, float32).
+
+    ``embeddings`` holds the first text encoder's vectors, ``embeddings_2`` SDXL's second encoder's (empty
+    otherwise): token -> ``[d]`` for a one-vector word, ``[n, d]`` for a word of ``n`` vectors."""
 
     name: str
     tokens: list[str]
     roles: dict[str, str]
     init_words: dict[str, str]
-    embeddings: dict[str, Any]  # token -> tensor [d]
-    lora: dict[str, dict[str, Any]]  # component ("unet" | "text_encoder") -> peft state dict (no prefix)
+    embeddings: dict[str, Any]  # token -> tensor [d] or [n, d] (text_encoder)
+    lora: dict[str, dict[str, Any]]  # component ("unet" | "text_encoder" | "text_encoder_2") -> peft state dict
     lora_rank: int
     lora_alpha: float
     targets: dict[str, list[str]] = field(default_factory=dict)  # component -> target module names
     card: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    family: str = "sd1"
+    embeddings_2: dict[str, Any] = field(default_factory=dict)  # token -> tensor (SDXL's text_encoder_2)
+    unet_layout: dict[str, Any] = field(default_factory=dict)  # SDXL: the UNet's block layout (kohya names)
 
     @property
     def adapter_name(self) -> str:
@@ -106,6 +118,21 @@ class Asset:
     @property
     def has_lora(self) -> bool:
         return any(self.lora.get(c) for c in COMPONENTS)
+
+    @property
+    def encoders(self) -> list[str]:
+        """The text-encoder components this asset has vectors for."""
+        return ["text_encoder"] + (["text_encoder_2"] if self.embeddings_2 else [])
+
+    def rows(self, token: str, encoder: str = "text_encoder") -> Any:
+        """``token``'s vectors for ``encoder`` as ``[n, d]``."""
+        table = self.embeddings if encoder == "text_encoder" else self.embeddings_2
+        t = table[token]
+        return t.reshape(1, -1) if t.ndim == 1 else t
+
+    def vectors(self, token: str) -> int:
+        """How many vectors ``token`` has (1: the paper's setting)."""
+        return int(self.rows(token).shape[0])
 
 
 def adapter_name_for(name: str) -> str:
@@ -125,26 +152,40 @@ def save_asset(
     lora_rank: int,
     lora_alpha: float,
     targets: Mapping[str, Iterable[str]],
+    family: str = "sd1",
+    embeddings_2: Mapping[str, Any] | None = None,
+    unet_layout: Mapping[str, Any] | None = None,
 ) -> None:
     """Write ``embeddings.safetensors`` and ``lora.safetensors`` into ``out_dir`` (atomically).
 
-    ``embeddings``: token -> tensor ``[d]`` (or ``[1, d]``); ``lora``: component -> peft state dict
-    (keys as ``get_peft_model_state_dict`` gives them). Tensors are saved float32, contiguous, CPU.
+    ``embeddings`` (and, for SDXL, ``embeddings_2``): token -> tensor ``[d]`` or ``[n, d]``; ``lora``:
+    component -> peft state dict (keys as ``get_peft_model_state_dict`` gives them). Tensors are saved
+    float32, contiguous, CPU.
     """
     import torch
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    tables = {"text_encoder": embeddings, **({"text_encoder_2": embeddings_2} if embeddings_2 else {})}
     emb: dict[str, torch.Tensor] = {}
-    for tok in tokens:
-        t = embeddings[tok].detach().to("cpu", torch.float32).reshape(-1).contiguous().clone()
-        emb[tok] = t
+    vectors: dict[str, int] = {}
+    for comp, table in tables.items():
+        for tok in tokens:
+            t = table[tok].detach().to("cpu", torch.float32)
+            t = (t.reshape(1, -1) if t.ndim == 1 else t).contiguous().clone()
+            if vectors.setdefault(tok, int(t.shape[0])) != t.shape[0]:
+                raise ValueError(f"pseudo-word {tok} has {vectors[tok]} vectors in one text encoder and "
+                                 f"{t.shape[0]} in another")
+            emb[f"{comp}:{tok}"] = t
     emb_meta = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
+        "family": str(family),
+        "encoders": json.dumps(list(tables)),
         "tokens": json.dumps(list(tokens)),
         "roles": json.dumps({t: roles[t] for t in tokens}, sort_keys=True),
         "init_words": json.dumps({t: init_words[t] for t in tokens}, sort_keys=True),
+        "vectors": json.dumps(vectors, sort_keys=True),
     }
     atomic_write_bytes(out / EMBEDDINGS_FILE, safetensors_bytes(emb, emb_meta))
 
@@ -160,6 +201,10 @@ def save_asset(
         "unet_targets": json.dumps(list(targets.get("unet", []))),
         "text_targets": json.dumps(list(targets.get("text_encoder", []))),
     }
+    if lora.get("text_encoder_2"):
+        lora_meta["text_2_targets"] = json.dumps(list(targets.get("text_encoder_2", [])))
+    if unet_layout:
+        lora_meta["unet_layout"] = json.dumps(dict(unet_layout), sort_keys=True)
     atomic_write_bytes(out / LORA_FILE, safetensors_bytes(flat, lora_meta))
 
 
@@ -219,20 +264,41 @@ def load_asset(path: str | Path, *, name: str | None = None) -> Asset:
         raise ValueError(f"cannot read {emb_path}: {type(exc).__name__}: {exc}") from None
     if emb_meta.get("format") != FORMAT_NAME:
         raise ValueError(f"{emb_path} is not a caspec concept-asset file (format {emb_meta.get('format')!r})")
+    version = emb_meta.get("format_version", "1")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"{emb_path}: asset format version {version} is newer than this caspec reads "
+                         f"({', '.join(READABLE_VERSIONS)}): upgrade caspec")
     try:
         tokens = list(json.loads(emb_meta["tokens"]))
         roles = dict(json.loads(emb_meta.get("roles", "{}")))
         init_words = dict(json.loads(emb_meta.get("init_words", "{}")))
+        encoders = list(json.loads(emb_meta.get("encoders", '["text_encoder"]')))
     except (KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"{emb_path}: bad header metadata ({exc})") from None
-    if sorted(tokens) != sorted(emb):
-        raise ValueError(f"{emb_path}: the tensors ({sorted(emb)}) do not match the listed tokens ({tokens})")
-    dims = {tuple(t.shape) for t in emb.values()}
-    if len(dims) != 1 or len(next(iter(dims))) != 1:
-        raise ValueError(f"{emb_path}: every embedding must have the same shape [d], got {sorted(dims)}")
+    family = emb_meta.get("family", "sd1")
+    tables: dict[str, dict[str, Any]] = {}
+    if version == "1":
+        tables["text_encoder"] = emb
+    else:
+        for key, value in emb.items():
+            comp, sep, tok = key.partition(":")
+            if not sep or comp not in encoders:
+                raise ValueError(f"{emb_path}: key {key!r} is not `<text encoder>:<token>` "
+                                 f"(encoders: {', '.join(encoders)})")
+            tables.setdefault(comp, {})[tok] = value[0] if value.ndim == 2 and value.shape[0] == 1 else value
+    for comp in encoders:
+        table = tables.get(comp, {})
+        if sorted(tokens) != sorted(table):
+            raise ValueError(f"{emb_path}: the {comp} tensors ({sorted(table)}) do not match the listed tokens "
+                             f"({tokens})")
+        dims = {int(t.shape[-1]) for t in table.values()}
+        if len(dims) != 1 or any(t.ndim not in (1, 2) for t in table.values()):
+            raise ValueError(f"{emb_path}: every {comp} embedding must be [d] or [n, d] with one width d, got "
+                             f"{sorted(tuple(t.shape) for t in table.values())}")
+    emb = tables.get("text_encoder", {})
 
     lora: dict[str, dict[str, Any]] = {c: {} for c in COMPONENTS}
-    rank, alpha, targets = 0, 0.0, {c: [] for c in COMPONENTS}
+    rank, alpha, targets, layout = 0, 0.0, {c: [] for c in COMPONENTS}, {}
     if lora_path.is_file():
         try:
             flat, lora_meta = _read_safetensors(lora_path)
@@ -248,6 +314,9 @@ def load_asset(path: str | Path, *, name: str | None = None) -> Asset:
             alpha = float(lora_meta.get("lora_alpha", "0"))
             targets = {"unet": list(json.loads(lora_meta.get("unet_targets", "[]"))),
                        "text_encoder": list(json.loads(lora_meta.get("text_targets", "[]")))}
+            if lora["text_encoder_2"]:
+                targets["text_encoder_2"] = list(json.loads(lora_meta.get("text_2_targets", "[]")))
+            layout = dict(json.loads(lora_meta.get("unet_layout", "{}")))
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{lora_path}: bad header metadata ({exc})") from None
         if any(lora.values()) and (rank < 1 or alpha <= 0):
@@ -256,7 +325,8 @@ def load_asset(path: str | Path, *, name: str | None = None) -> Asset:
     if (folder / CARD_FILE).is_file():
         card = yaml.safe_load((folder / CARD_FILE).read_text(encoding="utf-8")) or {}
     return Asset(name=name or folder.name, tokens=tokens, roles=roles, init_words=init_words, embeddings=emb,
-                 lora=lora, lora_rank=rank, lora_alpha=alpha, targets=targets, card=card, path=folder)
+                 lora=lora, lora_rank=rank, lora_alpha=alpha, targets=targets, card=card, path=folder,
+                 family=family, embeddings_2=tables.get("text_encoder_2", {}), unet_layout=layout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,45 +473,82 @@ def load_lora_state(module: Any, state: Mapping[str, Any], adapter_name: str) ->
         raise ValueError(f"LoRA weights do not fit the model: missing keys {missing[:3]}...")
 
 
+def add_pseudo_words(pipe: Any, vectors: Mapping[str, int]) -> dict[str, list[int]]:
+    """Add each pseudo-word (with its sub-tokens ``<w>_1``, ... when it has several vectors) to every text
+    encoder's tokenizer and table, and register multi-vector words in ``pipe.expansions``.
+
+    Returns component -> the new ids, in ``vectors`` order with each word's sub-tokens in order."""
+    from ..models.text import sub_tokens
+
+    subs = {tok: sub_tokens(tok, n) for tok, n in vectors.items()}
+    flat = [t for tok in vectors for t in subs[tok]]
+    ids = {comp: add_new_tokens(tok, te, flat) for comp, tok, te in pipe.text_encoders}
+    for tok, sub in subs.items():
+        if len(sub) > 1:
+            pipe.expansions[tok] = sub
+    return ids
+
+
+def check_family(asset: Asset, family: str, what: str = "this model") -> None:
+    """Refuse an asset trained on another model family (SD 1.x / SD 2.x / SDXL), naming both."""
+    from ..models.family import describe
+
+    if (asset.family or "sd1") != (family or "sd1"):
+        raise ValueError(f"asset {asset.name} was trained on an {describe(asset.family)} model, but {what} is "
+                         f"{describe(family)}: an asset only works with the family (and base model) it was "
+                         "trained on; train it again on this model")
+
+
 def apply_asset(pipe: Any, asset: Asset, *, lora_scale: float | Mapping[str, float] = 1.0,
                 adapter_name: str | None = None) -> str:
     """Add ``asset``'s pseudo-words and LoRA adapters to ``pipe`` (which the caller owns: use a fresh pipe).
 
-    ``lora_scale`` multiplies the LoRA delta (alpha / rank); one number for both components or a
-    mapping ``{"unet": w, "text_encoder": w}``. The adapters are named ``adapter_name`` (default: the
+    ``lora_scale`` multiplies the LoRA delta (alpha / rank); one number for every component or a
+    mapping ``{"unet": w, "text_encoder": w, ...}``. The adapters are named ``adapter_name`` (default: the
     asset's name, see :func:`adapter_name_for`) and stay active alongside adapters added before.
-    Returns the adapter name.
+    Multi-vector words are expanded in prompts (``pipe.expansions``). Returns the adapter name.
     """
     import torch
 
     name = adapter_name_for(adapter_name or asset.name)
-    te = pipe.text_encoder
-    weight = te.get_input_embeddings().weight
-    d = weight.shape[1]
-    for tok in asset.tokens:
-        if tuple(asset.embeddings[tok].shape) != (d,):
-            raise ValueError(f"asset {asset.name}: embedding of {tok} has shape {tuple(asset.embeddings[tok].shape)}, "
-                             f"but this text encoder's width is {d} (trained on another base model?)")
+    check_family(asset, getattr(pipe, "family", "sd1"))
+    encoders = {comp: te for comp, _, te in pipe.text_encoders}
+    missing = [c for c in encoders if c not in asset.encoders]
+    if missing:
+        raise ValueError(f"asset {asset.name} has no vectors for {', '.join(missing)} (trained on another model "
+                         "family?)")
+    for comp, te in encoders.items():
+        d = te.get_input_embeddings().weight.shape[1]
+        for tok in asset.tokens:
+            rows = asset.rows(tok, comp)
+            if rows.shape[1] != d:
+                raise ValueError(f"asset {asset.name}: the {comp} embedding of {tok} has width {rows.shape[1]}, "
+                                 f"but this model's {comp} has width {d} (trained on another base model?)")
+    modules = dict(pipe.lora_modules)
     if asset.has_lora:
-        for comp, module in (("unet", pipe.unet), ("text_encoder", te)):
+        for comp, module in modules.items():
             if name in (getattr(module, "peft_config", {}) or {}):
                 raise ValueError(f"the {comp} already has an adapter named {name!r}: give another adapter_name")
-    ids = add_new_tokens(pipe.tokenizer, te, list(asset.tokens))
-    weight = te.get_input_embeddings().weight
-    with torch.no_grad():
-        for tok, i in zip(asset.tokens, ids):
-            weight[i] = asset.embeddings[tok].to(device=weight.device, dtype=weight.dtype)
+    ids = add_pseudo_words(pipe, {tok: asset.vectors(tok) for tok in asset.tokens})
+    for comp, te in encoders.items():
+        weight = te.get_input_embeddings().weight
+        rows = torch.cat([asset.rows(tok, comp) for tok in asset.tokens])
+        with torch.no_grad():
+            weight[torch.tensor(ids[comp], device=weight.device)] = rows.to(device=weight.device, dtype=weight.dtype)
     scales = lora_scale if isinstance(lora_scale, Mapping) else {c: float(lora_scale) for c in COMPONENTS}
-    for comp, module in (("text_encoder", te), ("unet", pipe.unet)):
+    for comp in COMPONENTS:
         state = asset.lora.get(comp) or {}
         if not state:
             continue
+        if comp not in modules:
+            raise ValueError(f"asset {asset.name} has LoRA weights for {comp}, which this model does not have")
+        module = modules[comp]
         targets = asset.targets.get(comp) or _targets_from_keys(state)
         check_targets(module, targets, f"the {comp}")
         inject_lora(module, lora_config(asset.lora_rank, asset.lora_alpha, targets), name, trainable=False)
         device = next(module.parameters()).device
         load_lora_state(module, {k: v.to(device) for k, v in state.items()}, name)
-        set_lora_scale(module, name, float(scales.get(comp, 1.0)))
+        set_lora_scale(module, name, float(scales.get(comp, scales.get("text_encoder", 1.0))))
     return name
 
 
@@ -457,5 +564,6 @@ def _targets_from_keys(state: Mapping[str, Any]) -> list[str]:
 
 __all__ = ["Asset", "EMBEDDINGS_FILE", "LORA_FILE", "CARD_FILE", "LOSS_FILE", "PREVIEWS_DIR", "COMPONENTS",
            "save_asset", "load_asset", "apply_asset", "write_card", "write_loss_log", "read_loss_log",
-           "adapter_name_for", "safetensors_bytes", "add_new_tokens", "first_token_id", "lora_config", "check_targets", "inject_lora",
+           "adapter_name_for", "safetensors_bytes", "add_new_tokens", "add_pseudo_words", "check_family",
+           "TEXT_COMPONENTS", "first_token_id", "lora_config", "check_targets", "inject_lora",
            "set_lora_scale", "lora_state_dict", "load_lora_state", "atomic_write_bytes", "atomic_write_text"]

@@ -10,9 +10,16 @@
   textual-inversion files ``{token: tensor[1, d]}``;
 * an ``a1111`` export: ``{"emb_params": tensor[n, d]}`` embeddings (the file name is the word) and/or a kohya
   LoRA file (``lora_unet_*`` / ``lora_te_*`` keys with ``.alpha``);
-* a ``bundle``: one kohya LoRA file that also holds ``bundle_emb.<word>.string_to_param.*`` (or OneTrainer's
-  ``bundle_emb.<word>.clip_l``) embeddings;
-* a single embedding file.
+* a ``bundle``: one kohya LoRA file that also holds ``bundle_emb.<word>.string_to_param.*`` (or
+  ``bundle_emb.<word>.clip_l`` / ``.clip_g``) embeddings;
+* a single embedding file;
+* SDXL files of all these kinds: ``{"clip_l": [n, 768], "clip_g": [n, 1280]}`` embeddings (diffusers' SDXL
+  pivotal tuning, A1111, ComfyUI), kohya SDXL LoRA (``lora_te1_`` / ``lora_te2_`` / SGM-named ``lora_unet_``),
+  diffusers SDXL LoRA (``text_encoder_2.`` keys).
+
+Multi-vector embeddings (``[n, d]``, A1111's ``num_vectors_per_token`` > 1) become words of ``n`` vectors.
+The asset's family (SD 1.x / 2.x / SDXL) comes from the exporter's header, else from the files (two text
+encoders: SDXL; width 1024: SD 2.x; else SD 1.x).
 
 Files the exporter wrote carry a ``caspec`` header entry that restores the pseudo-words (with their angle
 brackets), roles, initializer words, targets and the exact module paths behind kohya names. Without it, a
@@ -40,14 +47,18 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..fsutil import atomic_write_bytes
+from ..models.family import SDXL_EMBEDDING_KEYS
 from .export import BUNDLE_PREFIX, EXPORT_FORMAT, KOHYA_PREFIX, META_KEY, TEXT_MODEL, word_for
 from .format import COMPONENTS, EMBEDDINGS_FILE, load_asset, save_asset, write_card
+from .kohya_sdxl import SDXL_BASE_LAYOUT
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin")
 PICKLE_SUFFIXES = (".pt", ".bin")
 _KOHYA_STARTS = tuple(KOHYA_PREFIX.values()) + ("lora_te1_", "lora_te2_")
 _KOHYA_LAYER = re.compile(r"^(?P<name>lora_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
-_BUNDLE_KEY = re.compile(r"^bundle_emb\.(?P<word>.+?)\.(?:string_to_param\.\*|clip_l)$")
+_BUNDLE_KEY = re.compile(r"^bundle_emb\.(?P<word>.+?)\.(?P<part>string_to_param\.\*|clip_l|clip_g)$")
+_ENCODER_OF = {v: k for k, v in SDXL_EMBEDDING_KEYS.items()}  # clip_l -> text_encoder, clip_g -> text_encoder_2
+SD2_WIDTH = 1024
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 
 
@@ -68,9 +79,11 @@ class _Layer:
 class _Found:
     """What the source files hold, before it becomes an asset."""
 
-    embeddings: list[tuple[str, Any, dict[str, Any]]] = field(default_factory=list)  # (word, tensor [n, d], info)
+    # (word, {text-encoder component: tensor [n, d]}, info)
+    embeddings: list[tuple[str, dict[str, Any], dict[str, Any]]] = field(default_factory=list)
     layers: list[_Layer] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)  # the caspec header of the LoRA/bundle file
+    family: str | None = None  # what the files say (SDXL layer names), if anything
     formats: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
 
@@ -115,8 +128,11 @@ def _read_file(path: Path, found: _Found) -> None:
         _read_kohya(path, tensors, info, found)
     elif all(k.startswith(tuple(f"{c}." for c in COMPONENTS)) for k in keys):
         _read_diffusers_lora(path, tensors, meta, info, found)
+    elif set(keys) <= {"clip_l", "clip_g"} and "clip_l" in keys:  # SDXL embedding (A1111, diffusers pivotal)
+        found.embeddings.append((info.get("token") or path.stem, {_ENCODER_OF[k]: tensors[k] for k in keys}, info))
+        found.formats.append("sdxl-embedding")
     elif "emb_params" in tensors and len(keys) == 1:
-        found.embeddings.append((path.stem, tensors["emb_params"], info))
+        found.embeddings.append((path.stem, {"text_encoder": tensors["emb_params"]}, info))
         found.formats.append("a1111")
     elif "string_to_param" in tensors:  # A1111 .pt: {"string_to_param": {"*": t}, "name": ...}
         params = tensors["string_to_param"]
@@ -125,11 +141,11 @@ def _read_file(path: Path, found: _Found) -> None:
             t = next(iter(params.values()))
         if not _is_tensor(t):
             raise ValueError(f"{path}: `string_to_param` holds no embedding tensor")
-        found.embeddings.append((path.stem, t, info))
+        found.embeddings.append((path.stem, {"text_encoder": t}, info))
         found.formats.append("a1111")
     elif len(keys) == 1 and _is_tensor(tensors[keys[0]]):  # diffusers textual inversion {token: t}
         word = info.get("token") or keys[0]
-        found.embeddings.append((word, tensors[keys[0]], info))
+        found.embeddings.append((word, {"text_encoder": tensors[keys[0]]}, info))
         found.formats.append("diffusers")
     else:
         raise ValueError(f"{path}: cannot tell what this file is (keys {keys[:4]}...): expected a LoRA "
@@ -194,21 +210,27 @@ def _caspec_info(meta: Mapping[str, str]) -> dict[str, Any]:
 
 def _read_kohya(path: Path, tensors: Mapping[str, Any], info: dict[str, Any], found: _Found) -> None:
     groups: dict[str, dict[str, Any]] = {}
-    bundle = []
+    bundle: dict[str, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith(BUNDLE_PREFIX):
             m = _BUNDLE_KEY.match(key)
             if m is None:
                 raise ValueError(f"{path}: unknown bundled-embedding key {key!r}")
-            bundle.append((m["word"], value))
+            bundle.setdefault(m["word"], {})[_ENCODER_OF.get(m["part"], "text_encoder")] = value
             continue
         m = _KOHYA_LAYER.match(key)
         if m is None:
             raise ValueError(f"{path}: unsupported kohya key {key!r} (plain LoRA only: lora_down / lora_up / alpha)")
         groups.setdefault(m["name"], {})[m["part"]] = value
-    if any(n.startswith("lora_te2_") for n in groups):
-        raise ValueError(f"{path}: an SDXL LoRA (lora_te2_ keys): caspec assets are SD1.x-style (one text encoder)")
+    sdxl = info.get("family") == "sdxl" or any(n.startswith(("lora_te1_", "lora_te2_")) for n in groups) \
+        or any("input_blocks_" in n or "output_blocks_" in n or "middle_block_" in n for n in groups)
     modules = info.get("modules") if isinstance(info.get("modules"), Mapping) else {}
+    if sdxl:
+        found.family = "sdxl"
+        unmapped = {n: p for n, p in groups.items() if n not in modules}
+        if unmapped:
+            layout = info.get("unet_layout") if isinstance(info.get("unet_layout"), Mapping) else SDXL_BASE_LAYOUT
+            modules = {**modules, **_kohya_sdxl_modules(path, unmapped, layout)}
     for name, parts in sorted(groups.items()):
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
             raise ValueError(f"{path}: layer {name} lacks lora_down or lora_up")
@@ -218,33 +240,64 @@ def _read_kohya(path: Path, tensors: Mapping[str, Any], info: dict[str, Any], fo
         where = modules.get(name)
         comp, module = where.split(":", 1) if where else _kohya_module(name, a, b)
         found.layers.append(_Layer(comp, module, a, b, alpha))
-    for word, t in bundle:
-        found.embeddings.append((word, t, {}))
+    for word, parts in bundle.items():
+        found.embeddings.append((word, parts, {}))
     if groups or info:
         found.info = found.info or info
     found.formats.append("bundle" if bundle else "a1111")
 
 
-def _kohya_module(name: str, a: Any, b: Any) -> tuple[str, str]:
-    """``(component, peft module path)`` for a kohya layer, through diffusers' own converters."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+def _kohya_sdxl_modules(path: Path, groups: Mapping[str, Mapping[str, Any]],
+                        layout: Mapping[str, Any]) -> dict[str, str]:
+    """kohya SDXL layer name -> ``component:module path``, through diffusers' own SDXL converter (the UNet's
+    SGM names need its block layout: the exporter's ``unet_layout``, else SDXL base 1.0's)."""
+    from types import SimpleNamespace
+
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+
+    out: dict[str, str] = {}
+    for name, parts in groups.items():
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            continue  # reported by the caller
+        sd = {f"{name}.lora_down.weight": parts["lora_down.weight"], f"{name}.lora_up.weight": parts["lora_up.weight"]}
+        try:
+            converted, _ = StableDiffusionXLLoraLoaderMixin.lora_state_dict(sd, unet_config=SimpleNamespace(**layout))
+            comp, module = _converted_module(converted)
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"{path}: cannot map the kohya SDXL layer {name} to a module path ({exc})") from None
+        out[name] = f"{comp}:{module}"
+    return out
+
+
+def _converted_module(converted: Mapping[str, Any]) -> tuple[str, str]:
+    """``(component, peft module path)`` of one layer as diffusers' ``lora_state_dict`` returns it."""
     from diffusers.utils.state_dict_utils import (StateDictType, convert_state_dict_to_diffusers,
                                                   convert_state_dict_to_peft, convert_unet_state_dict_to_peft)
+
+    comps = {k.split(".", 1)[0] for k in converted}
+    if len(comps) != 1:
+        raise ValueError(f"converted to {sorted(converted)}")
+    comp = comps.pop()
+    part = {k.removeprefix(f"{comp}."): v for k, v in converted.items()}
+    if comp == "unet":
+        peft = convert_unet_state_dict_to_peft(part)
+    else:
+        peft = convert_state_dict_to_diffusers(part, original_type=StateDictType.DIFFUSERS_OLD)
+        peft = convert_state_dict_to_peft(peft, original_type=StateDictType.DIFFUSERS)
+    down = [k for k in peft if k.endswith(".lora_A.weight")]
+    if len(down) != 1 or len(peft) != 2:
+        raise ValueError(f"converted to {sorted(peft)}")
+    return comp, down[0].removesuffix(".lora_A.weight")
+
+
+def _kohya_module(name: str, a: Any, b: Any) -> tuple[str, str]:
+    """``(component, peft module path)`` for a kohya SD 1.x/2.x layer, through diffusers' own converters."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
     sd = {f"{name}.lora_down.weight": a, f"{name}.lora_up.weight": b}
     try:
         converted, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(sd)
-        comp = "unet" if name.startswith("lora_unet_") else "text_encoder"
-        part = {k.removeprefix(f"{comp}."): v for k, v in converted.items()}
-        if comp == "unet":
-            peft = convert_unet_state_dict_to_peft(part)
-        else:
-            peft = convert_state_dict_to_diffusers(part, original_type=StateDictType.DIFFUSERS_OLD)
-            peft = convert_state_dict_to_peft(peft, original_type=StateDictType.DIFFUSERS)
-        down = [k for k in peft if k.endswith(".lora_A.weight")]
-        if len(down) != 1 or len(peft) != 2:
-            raise ValueError(f"converted to {sorted(peft)}")
-        return comp, down[0].removesuffix(".lora_A.weight")
+        return _converted_module(converted)
     except Exception as exc:  # noqa: BLE001
         raise ValueError(f"cannot map the kohya layer {name} to a module path ({exc})") from None
 
@@ -274,6 +327,8 @@ def _read_diffusers_lora(path: Path, tensors: Mapping[str, Any], meta: Mapping[s
         cfg = {k.removeprefix(f"{comp}."): v for k, v in adapter.items() if k.startswith(f"{comp}.")}
         for module, (a, b) in _peft_pairs(peft, path).items():
             found.layers.append(_Layer(comp, module, a, b, _diffusers_alpha(cfg, module, a.shape[0])))
+    if any(k.startswith("text_encoder_2.") for k in tensors):
+        found.family = "sdxl"
     found.info = found.info or info
     found.formats.append("diffusers")
 
@@ -317,6 +372,7 @@ def _clip_has_text_model() -> bool:
 
     with torch.random.fork_rng(devices=[]):
         model = CLIPTextModel(CLIPTextConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                             bos_token_id=0, eos_token_id=1, pad_token_id=1,
                                              num_attention_heads=1, max_position_embeddings=4, projection_dim=8))
     return any(n == "text_model" for n, _ in model.named_children())
 
@@ -362,17 +418,22 @@ def _write(found: _Found, src: Path, out: Path, renames: dict[str, str]) -> Path
             raise ValueError(f"tokens= renames {natural} twice: {', '.join(f'{a} -> {renames[a]}' for a in aliases)}")
         tok = renames[aliases[0]] if aliases else natural
         used.update(aliases)
-        if t.ndim == 1:
-            t = t.reshape(1, -1)
-        if t.ndim != 2 or t.shape[0] != 1:
-            raise ValueError(f"embedding {word!r} has shape {tuple(t.shape)}: caspec pseudo-words hold one vector "
-                             "each (multi-vector embeddings are not supported)")
+        parts = {}
+        for enc, x in t.items():
+            if not _is_tensor(x) or x.ndim not in (1, 2) or x.numel() == 0 or (x.ndim == 2 and x.shape[0] > 16):
+                raise ValueError(f"embedding {word!r} ({enc}) has shape {tuple(getattr(x, 'shape', ()))}: expected "
+                                 "[d] or [n, d] with 1 to 16 vectors")
+            parts[enc] = x.reshape(1, -1) if x.ndim == 1 else x
+        if len({int(x.shape[0]) for x in parts.values()}) != 1:
+            raise ValueError(f"embedding {word!r}: its text encoders hold different numbers of vectors "
+                             f"({', '.join(f'{e}: {x.shape[0]}' for e, x in parts.items())})")
+        t = parts
         order = tinfo.get("index")
         if order is None and src_tok in (info.get("tokens") or []):
             order = info["tokens"].index(src_tok)
         role = tinfo.get("role") or (info.get("roles") or {}).get(src_tok) or "imported"
         init = tinfo.get("init_word") or (info.get("init_words") or {}).get(src_tok) or ""
-        entries.append((order if isinstance(order, int) else 10**6, tok, t[0], str(role), str(init), src_tok, word))
+        entries.append((order if isinstance(order, int) else 10**6, tok, t, str(role), str(init), src_tok, word))
     unknown = sorted(set(renames) - used)
     if unknown:
         raise ValueError(f"tokens= names {unknown} match no embedding in {src} "
@@ -382,28 +443,65 @@ def _write(found: _Found, src: Path, out: Path, renames: dict[str, str]) -> Path
     dup = sorted({t for t in toks if toks.count(t) > 1})
     if dup:
         raise ValueError(f"{src}: pseudo-word(s) {dup} found twice; rename one with tokens=")
-    dims = {tuple(e[2].shape) for e in entries}
-    if len(dims) != 1:
-        raise ValueError(f"{src}: the embeddings have different widths {sorted(dims)}")
-    embeddings = {e[1]: e[2].detach().to(torch.float32) for e in entries}
+    encoders = {tuple(sorted(e[2])) for e in entries}
+    if len(encoders) != 1:
+        raise ValueError(f"{src}: some embeddings are for SDXL's two text encoders (clip_l + clip_g), others for one")
+    for enc in next(iter(encoders)):
+        dims = {int(e[2][enc].shape[1]) for e in entries}
+        if len(dims) != 1:
+            raise ValueError(f"{src}: the embeddings have different widths {sorted(dims)}")
+    if "text_encoder" not in next(iter(encoders)):
+        raise ValueError(f"{src}: an SDXL embedding needs its clip_l vectors")
+
+    def squeeze(t: Any) -> Any:
+        t = t.detach().to(torch.float32)
+        return t[0] if t.shape[0] == 1 else t
+
+    embeddings = {e[1]: squeeze(e[2]["text_encoder"]) for e in entries}
+    embeddings_2 = {e[1]: squeeze(e[2]["text_encoder_2"]) for e in entries if "text_encoder_2" in e[2]}
+    if embeddings_2 and len(embeddings_2) != len(embeddings):
+        raise ValueError(f"{src}: some embeddings lack clip_g vectors")
+    family = _family(found, info, embeddings, embeddings_2)
+    layout = info.get("unet_layout") if isinstance(info.get("unet_layout"), Mapping) else None
     roles = {e[1]: e[3] for e in entries}
     inits = {e[1]: e[4] for e in entries}
 
     lora, rank, alpha, targets = _assemble(found.layers, info)
     out.mkdir(parents=True, exist_ok=True)
+    if family == "sdxl" and not embeddings_2:
+        raise ValueError(f"{src}: an SDXL asset needs embeddings for both text encoders (clip_l and clip_g); "
+                         "these embeddings are for one (SD 1.x / 2.x)")
+    if family != "sdxl" and (lora.get("text_encoder_2")):
+        raise ValueError(f"{src}: LoRA weights for a second text encoder, but embeddings for one")
     save_asset(out, tokens=toks, roles=roles, init_words=inits, embeddings=embeddings, lora=lora, lora_rank=rank,
-               lora_alpha=alpha, targets=targets)
+               lora_alpha=alpha, targets=targets, family=family, embeddings_2=embeddings_2 or None,
+               unet_layout=(layout or SDXL_BASE_LAYOUT) if family == "sdxl" else None)
     card = {
         "format": 1,
         "kind": "caspec concept asset",
         "pseudo_words": [{"token": t, "init": inits[t], "role": roles[t]} for t in toks],
         "captions": [],
-        "base_model": {"base": info.get("base_model") or "?"},
+        "base_model": {"base": info.get("base_model") or "?", "family": family},
         "imported": {"from": str(src), "format": _format_name(found), "original_asset": info.get("asset"),
                      "files": [{"file": p.name, "sha256": _sha256(p)} for p in found.files]},
     }
     write_card(out, card)
     return out
+
+
+def _family(found: _Found, info: Mapping[str, Any], embeddings: Mapping[str, Any],
+            embeddings_2: Mapping[str, Any]) -> str:
+    """The exporter's word, else what the files show: two text encoders (or SDXL layer names) -> sdxl;
+    width 1024 -> sd2; else sd1."""
+    if info.get("family") in ("sd1", "sd2", "sdxl"):
+        return str(info["family"])
+    tinfo = [i for _, _, i in found.embeddings if i.get("family") in ("sd1", "sd2", "sdxl")]
+    if tinfo:
+        return str(tinfo[0]["family"])
+    if embeddings_2 or found.family == "sdxl":
+        return "sdxl"
+    width = {int(t.shape[-1]) for t in embeddings.values()}
+    return "sd2" if width == {SD2_WIDTH} else "sd1"
 
 
 def _format_name(found: _Found) -> str:
@@ -490,7 +588,9 @@ def _copy_asset(src: Path, out: Path, renames: dict[str, str]) -> Path:
         save_asset(out, tokens=toks, roles={renames.get(t, t): r for t, r in asset.roles.items()},
                    init_words={renames.get(t, t): w for t, w in asset.init_words.items()},
                    embeddings={renames.get(t, t): e for t, e in asset.embeddings.items()}, lora=asset.lora,
-                   lora_rank=asset.lora_rank, lora_alpha=asset.lora_alpha, targets=asset.targets)
+                   lora_rank=asset.lora_rank, lora_alpha=asset.lora_alpha, targets=asset.targets,
+                   family=asset.family, embeddings_2={renames.get(t, t): e for t, e in asset.embeddings_2.items()},
+                   unet_layout=asset.unet_layout or None)
         card = dict(asset.card)
         if isinstance(card.get("pseudo_words"), list):
             card["pseudo_words"] = [{**w, "token": renames.get(w.get("token"), w.get("token"))}

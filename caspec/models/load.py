@@ -34,16 +34,18 @@ from typing import Any
 
 from ..errors import ModelError
 from ..spec.models import ModelSpec
-from .tiny import TINY_RESOLUTION, cache_root, ensure_tiny, tiny_identity
+from .family import embedded_family, folder_family
+from .tiny import TINY_MODELS, TINY_RESOLUTION, cache_root, ensure_tiny, tiny_identity
 from .toy import TOY_RESOLUTION, ensure_toy, toy_identity
 
-EMBEDDED = ("tiny", "toy")
+EMBEDDED = ("tiny", "toy", "tiny-xl", "tiny-v")
 
 DIGESTS_FILE = "digests.json"
 RUN_FIELDS = ("dtype",)
 """Identity fields that say how the weights run, not which weights they are."""
 # the components load_pipeline loads, and which library's file rules pick their weights
-MODEL_COMPONENTS = (("text_encoder", "transformers"), ("unet", "diffusers"), ("vae", "diffusers"))
+MODEL_COMPONENTS = (("text_encoder", "transformers"), ("text_encoder_2", "transformers"), ("unet", "diffusers"),
+                    ("vae", "diffusers"))  # text_encoder_2: SDXL only
 WEIGHT_STEMS = {"transformers": ("model", "pytorch_model"),
                 "diffusers": ("diffusion_pytorch_model", "diffusion_pytorch_model")}
 SCHEDULER_CONFIG_FILE = "scheduler/scheduler_config.json"
@@ -93,7 +95,7 @@ def resolve_dtype(model: ModelSpec, device: str | None = None) -> str:
 
 @dataclass(frozen=True)
 class ModelLocation:
-    kind: str  # "tiny" | "local" | "hub"
+    kind: str  # an embedded name ("tiny", "toy", "tiny-xl", "tiny-v") | "local" | "hub"
     folder: Path | None  # None for tiny until built
     repo: str | None = None
     commit: str | None = None
@@ -143,6 +145,7 @@ def _resolve_hub(repo: str, revision: str | None) -> ModelLocation:
             f"({snapshot} has no model_index.json)",
             hint=_offline_hint(repo),
         )
+    folder_family(snapshot)
     return ModelLocation("hub", snapshot, repo=repo, commit=commit)
 
 
@@ -161,6 +164,7 @@ def locate_model(model: ModelSpec, spec_dir: Path) -> ModelLocation:
                 hint="point `model.base` at a folder written by diffusers' save_pretrained (or a hub snapshot), "
                 "or use `tiny`",
             )
+        folder_family(path)  # refuses layouts caspec cannot run (SD 3, Flux, the SDXL refiner), naming them
         return ModelLocation("local", path.resolve())
     if _HUB_ID.match(base):
         return _resolve_hub(base, model.revision)
@@ -212,11 +216,14 @@ def component_weight_files(sub: Path, library: str, variant: str | None) -> list
 
 
 def _tokenizer_files(folder: Path) -> list[str]:
-    """Every file of ``tokenizer/`` (all small; which of them the backend reads varies with its version)."""
-    sub = folder / "tokenizer"
-    if not sub.is_dir():
-        return []
-    return sorted(f"tokenizer/{p.name}" for p in sub.iterdir() if p.is_file() and not p.name.startswith("."))
+    """Every file of ``tokenizer/`` (and SDXL's ``tokenizer_2/``): all small; which of them the backend reads
+    varies with its version."""
+    out: list[str] = []
+    for name in ("tokenizer", "tokenizer_2"):
+        sub = folder / name
+        if sub.is_dir():
+            out += sorted(f"{name}/{p.name}" for p in sub.iterdir() if p.is_file() and not p.name.startswith("."))
+    return out
 
 
 def loaded_files(folder: Path) -> list[str]:
@@ -229,6 +236,8 @@ def loaded_files(folder: Path) -> list[str]:
     files = _tokenizer_files(folder)
     for comp, library in MODEL_COMPONENTS:
         sub = folder / comp
+        if comp == "text_encoder_2" and not sub.is_dir():
+            continue
         files.append(f"{comp}/config.json")
         files += [f"{comp}/{name}" for name in component_weight_files(sub, library, _variant(sub))]
     files.append(SCHEDULER_CONFIG_FILE)
@@ -285,8 +294,8 @@ def model_identity(model: ModelSpec, spec_dir: Path) -> dict[str, Any]:
     (:data:`RUN_FIELDS`), not the device."""
     loc = locate_model(model, spec_dir)
     dtype = resolve_dtype(model)
-    if loc.kind == "tiny":
-        return {"kind": "tiny", **tiny_identity(), "dtype": dtype}
+    if loc.kind in TINY_MODELS:
+        return {"kind": loc.kind, **tiny_identity(loc.kind), "dtype": dtype}
     if loc.kind == "toy":
         return {"kind": "toy", **toy_identity(), "dtype": dtype}
     if loc.kind == "hub":
@@ -298,7 +307,7 @@ def model_identity(model: ModelSpec, spec_dir: Path) -> dict[str, Any]:
 def native_resolution(model: ModelSpec, spec_dir: Path) -> int:
     """The model's native square image size, read from its configs (no weights loaded)."""
     loc = locate_model(model, spec_dir)
-    if loc.kind == "tiny":
+    if loc.kind in TINY_MODELS:
         return TINY_RESOLUTION
     if loc.kind == "toy":
         return TOY_RESOLUTION
@@ -314,13 +323,26 @@ def native_resolution(model: ModelSpec, spec_dir: Path) -> int:
                          hint="is this a Stable-Diffusion-style diffusers folder?") from None
 
 
+def model_family(model: ModelSpec, spec_dir: Path) -> str:
+    """``sd1``, ``sd2`` or ``sdxl`` (:mod:`caspec.models.family`), read from configs (no weights loaded)."""
+    loc = locate_model(model, spec_dir)
+    if loc.kind in EMBEDDED:
+        return embedded_family(loc.kind)
+    assert loc.folder is not None
+    return folder_family(loc.folder)
+
+
 # ---------------------------------------------------------------------------------------------
 # loading
 
 
 @dataclass(eq=False)
 class Pipe:
-    """A loaded Stable-Diffusion-style model. Shared per process: treat as read-only."""
+    """A loaded Stable-Diffusion-style model (SD 1.x, SD 2.x or SDXL). Shared per process: treat as read-only.
+
+    SDXL models also have ``tokenizer_2``/``text_encoder_2`` (None otherwise). ``expansions`` maps a
+    multi-vector pseudo-word to the sub-tokens it stands for in prompts (``<w>`` -> ``<w> <w>_1 <w>_2``,
+    diffusers' convention); training and :func:`caspec.assets.format.apply_asset` fill it."""
 
     tokenizer: Any
     text_encoder: Any
@@ -331,6 +353,24 @@ class Pipe:
     dtype: Any  # torch dtype of unet and text encoder (the VAE is fp32)
     resolution: int  # native square size in pixels
     identity: dict[str, Any] = field(default_factory=dict)
+    family: str = "sd1"
+    tokenizer_2: Any = None
+    text_encoder_2: Any = None
+    force_zeros_for_empty_prompt: bool = False  # SDXL: an empty negative prompt is all zeros, not encoded ""
+    expansions: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def text_encoders(self) -> list[tuple[str, Any, Any]]:
+        """``(component, tokenizer, text encoder)`` for each text encoder, in concatenation order."""
+        out = [("text_encoder", self.tokenizer, self.text_encoder)]
+        if self.text_encoder_2 is not None:
+            out.append(("text_encoder_2", self.tokenizer_2, self.text_encoder_2))
+        return out
+
+    @property
+    def lora_modules(self) -> list[tuple[str, Any]]:
+        """``(component, module)`` for every component LoRA can adapt: the text encoders, then the UNet."""
+        return [(comp, te) for comp, _, te in self.text_encoders] + [("unet", self.unet)]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -384,7 +424,8 @@ def _load(model: ModelSpec, spec_dir: Path, identity: dict[str, Any], device_nam
     loc = locate_model(model, spec_dir)
     name = model.base
     try:
-        folder = ensure_tiny() if loc.kind == "tiny" else ensure_toy() if loc.kind == "toy" else loc.folder
+        folder = (ensure_tiny(loc.kind) if loc.kind in TINY_MODELS else ensure_toy() if loc.kind == "toy"
+                  else loc.folder)
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -394,7 +435,7 @@ def _load(model: ModelSpec, spec_dir: Path, identity: dict[str, Any], device_nam
     try:
         import torch
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"cannot import the ML stack: {type(exc).__name__}: {exc}",
                          hint="reinstall caspec's pinned dependencies (torch, diffusers, transformers)") from None
@@ -411,6 +452,15 @@ def _load(model: ModelSpec, spec_dir: Path, identity: dict[str, Any], device_nam
         part = "text_encoder"
         text_encoder = CLIPTextModel.from_pretrained(
             folder / "text_encoder", local_files_only=True, dtype=dtype, variant=_variant(folder / "text_encoder"))
+        family = embedded_family(loc.kind) if loc.kind in EMBEDDED else folder_family(folder)
+        tokenizer_2 = text_encoder_2 = None
+        if family == "sdxl":
+            part = "tokenizer_2"
+            tokenizer_2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True)
+            part = "text_encoder_2"
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                folder / "text_encoder_2", local_files_only=True, dtype=dtype,
+                variant=_variant(folder / "text_encoder_2"))
         part = "unet"
         unet = UNet2DConditionModel.from_pretrained(
             folder, subfolder="unet", local_files_only=True, torch_dtype=dtype, variant=_variant(folder / "unet"))
@@ -420,23 +470,29 @@ def _load(model: ModelSpec, spec_dir: Path, identity: dict[str, Any], device_nam
         part = "scheduler"
         scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
         part = "device"
-        for module in (text_encoder, unet, vae):
-            module.to(device)
-            module.eval()
+        for module in (text_encoder, text_encoder_2, unet, vae):
+            if module is not None:
+                module.to(device)
+                module.eval()
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise ModelError(
             f"cannot load the {part} of model `{name}` from {folder}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
             hint="the folder must be a complete Stable-Diffusion-style diffusers folder "
-            "(tokenizer, text_encoder, unet, vae, scheduler); re-download it, or use `model: tiny`",
+            "(tokenizer, text_encoder, unet, vae, scheduler; SDXL also tokenizer_2, text_encoder_2); re-download it, "
+            "or use `model: tiny`",
         ) from None
     resolution = int(unet.config.sample_size if not isinstance(unet.config.sample_size, (list, tuple))
                       else unet.config.sample_size[0]) * 2 ** (len(vae.config.block_out_channels) - 1)
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     return Pipe(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=scheduler,
-                device=device, dtype=dtype, resolution=resolution, identity=identity)
+                device=device, dtype=dtype, resolution=resolution, identity=identity, family=family,
+                tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2,
+                force_zeros_for_empty_prompt=bool(family == "sdxl" and index.get("force_zeros_for_empty_prompt",
+                                                                                 True)))
 
 
 __all__ = ["Pipe", "ModelLocation", "locate_model", "model_identity", "weights_identity", "identity_differences",
-           "loaded_files", "component_weight_files", "native_resolution",
+           "loaded_files", "component_weight_files", "native_resolution", "model_family",
            "load_pipeline", "clear_pipeline_cache", "resolve_device", "resolve_dtype", "RUN_FIELDS"]

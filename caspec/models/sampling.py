@@ -7,6 +7,10 @@ pipeline classes, so that every image depends only on its own (prompt, seed, set
   (drawn in fp32 on the CPU, then moved), so batching and batch composition never pick the noise;
 * each distinct prompt is encoded on its own (batch of one), each distinct source image is
   VAE-encoded once, deterministically (the latent distribution's mean);
+* every family conditions through :mod:`caspec.models.text`: SDXL's two text encoders, pooled text
+  embeddings and added time ids (the image's own square size, no crop), with an empty negative prompt
+  as zeros where the model says ``force_zeros_for_empty_prompt``; v-prediction models (SD 2.x) need
+  nothing here: the DDIM scheduler reads ``prediction_type`` from the model's config;
 * DDIM with eta 0 and classifier-free guidance (the unconditional pass is skipped when
   ``guidance_scale <= 1``); SDEdit starts where diffusers' img2img ``get_timesteps`` does:
   ``init = min(int(steps * strength), steps)`` denoising steps from ``timesteps[steps - init]``;
@@ -14,7 +18,8 @@ pipeline classes, so that every image depends only on its own (prompt, seed, set
   companions or its position in a batch;
 * every call works on its own scheduler copy; shared state is never mutated.
 
-The numerics follow diffusers' StableDiffusionPipeline / img2img pipeline (tests compare them).
+The numerics follow diffusers' StableDiffusion(XL)Pipeline / img2img pipelines (tests compare them).
+The VAE always runs in fp32 (SDXL's VAE overflows to NaN in fp16).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from PIL import Image
 
 from .load import Pipe
 from .prompts import check_prompt
+from .text import TextCond, added_cond, encode_ids, expand_prompt, tokenize
 
 CPU_BATCH_SIZE = 4  # tiny on 2 cores: 8 images x 50 steps take 7.1 s at 4 or 8 (10.7 s at 1); 4 wastes less padding
 CUDA_BATCH_SIZE = 8  # to be tuned per GPU memory
@@ -67,24 +73,19 @@ def use_cfg(guidance_scale: float) -> bool:
 
 
 @torch.inference_mode()
-def _encode_one(pipe: Pipe, text: str) -> torch.Tensor:
-    tok = pipe.tokenizer(
-        [text], padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    )
-    mask = None
-    if getattr(pipe.text_encoder.config, "use_attention_mask", False):
-        mask = tok.attention_mask.to(pipe.device)
-    out = pipe.text_encoder(tok.input_ids.to(pipe.device), attention_mask=mask)[0]
-    return out.to(dtype=pipe.dtype)
+def _encode_one(pipe: Pipe, text: str) -> TextCond:
+    return encode_ids(pipe, tokenize(pipe, [expand_prompt(pipe, text)]))
 
 
 def encode_prompts(
     pipe: Pipe, prompts: Sequence[str], negative: str | Sequence[str] | None = None, *, guidance_scale: float = 7.5
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Text embeddings ``(cond [N, L, D], uncond [N, L, D] or None)`` for ``prompts``.
+) -> tuple[TextCond, TextCond | None]:
+    """Text conditioning ``(cond, uncond or None)`` for ``prompts`` (:class:`~caspec.models.text.TextCond`:
+    hidden states ``[N, L, D]``, and SDXL's pooled embeddings ``[N, P]``).
 
     ``uncond`` embeds the negative prompt (one string for all, or one per prompt; ``None``/``""``
-    = the empty prompt); it is ``None`` when ``guidance_scale <= 1`` (no unconditional pass).
+    = the empty prompt, all zeros on SDXL models with ``force_zeros_for_empty_prompt``); it is ``None``
+    when ``guidance_scale <= 1`` (no unconditional pass).
     Each distinct string is encoded once, on its own. A string longer than the text encoder's window
     raises :class:`~caspec.models.prompts.PromptTooLong` (a ``ValueError``), never a silent cut.
     """
@@ -95,32 +96,37 @@ def encode_prompts(
         negatives = [n or "" for n in negative]
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-    memo: dict[str, torch.Tensor] = {}
+    memo: dict[str, TextCond] = {}
     for text in dict.fromkeys(prompts):
-        check_prompt(pipe.tokenizer, text, text_encoder=pipe.text_encoder)
+        check_prompt(pipe.tokenizer, expand_prompt(pipe, text), text_encoder=pipe.text_encoder)
     for text in dict.fromkeys(negatives if use_cfg(guidance_scale) else []):
-        check_prompt(pipe.tokenizer, text, what="the negative prompt", text_encoder=pipe.text_encoder)
+        check_prompt(pipe.tokenizer, expand_prompt(pipe, text), what="the negative prompt",
+                     text_encoder=pipe.text_encoder)
 
-    def emb(text: str) -> torch.Tensor:
+    def emb(text: str) -> TextCond:
         if text not in memo:
             memo[text] = _encode_one(pipe, text)
         return memo[text]
 
-    cond = torch.cat([emb(p) for p in prompts])
-    uncond = torch.cat([emb(n) for n in negatives]) if use_cfg(guidance_scale) else None
-    return cond, uncond
+    cond = TextCond.cat([emb(p) for p in prompts])
+    if not use_cfg(guidance_scale):
+        return cond, None
+    conds = [emb(n) if n or not pipe.force_zeros_for_empty_prompt else emb(prompts[0]).zeros() for n in negatives]
+    return cond, TextCond.cat(conds)
 
 
-def _pad(t: torch.Tensor | None, size: int) -> torch.Tensor | None:
-    if t is None or t.shape[0] >= size:
+def _pad(t: Any, size: int) -> Any:
+    if t is None or isinstance(t, TextCond):
+        return None if t is None else t.pad(size)
+    if t.shape[0] >= size:
         return t
     return torch.cat([t, t[-1:].expand(size - t.shape[0], *t.shape[1:])])
 
 
 @torch.inference_mode()
 def _denoise(
-    pipe: Pipe, sched: Any, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor,
-    uncond: torch.Tensor | None, guidance_scale: float, pad_to: int = 0,
+    pipe: Pipe, sched: Any, latents: torch.Tensor, timesteps: torch.Tensor, cond: TextCond,
+    uncond: TextCond | None, guidance_scale: float, pad_to: int = 0,
 ) -> torch.Tensor:
     """DDIM (eta 0) from ``latents`` over ``timesteps`` with classifier-free guidance. Latents stay fp32.
     With ``pad_to`` > batch, the batch runs padded to that shape (see ``PAD_BATCHES``)."""
@@ -128,14 +134,14 @@ def _denoise(
     if pad_to > n:
         latents, cond, uncond = _pad(latents, pad_to), _pad(cond, pad_to), _pad(uncond, pad_to)
         return _denoise(pipe, sched, latents, timesteps, cond, uncond, guidance_scale)[:n]
-    if uncond is not None:
-        embeds = torch.cat([uncond, cond])
-    else:
-        embeds = cond
+    both = TextCond.cat([uncond, cond]) if uncond is not None else cond
+    resolution = latents.shape[-1] * pipe.vae_scale_factor
+    extra = added_cond(pipe, both, resolution)
     for t in timesteps:
         model_in = torch.cat([latents] * 2) if uncond is not None else latents
         model_in = sched.scale_model_input(model_in, t).to(pipe.dtype)
-        noise_pred = pipe.unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0].to(latents.dtype)
+        noise_pred = pipe.unet(model_in, t, encoder_hidden_states=both.embeds, added_cond_kwargs=extra,
+                               return_dict=False)[0].to(latents.dtype)
         if uncond is not None:
             n_uncond, n_text = noise_pred.chunk(2)
             noise_pred = n_uncond + guidance_scale * (n_text - n_uncond)

@@ -1,11 +1,20 @@
-"""The embedded default model ``tiny``: a Stable-Diffusion-shaped pipeline built locally.
+"""The embedded random-weight models ``tiny`` (SD 1.x-shaped), ``tiny-xl`` (SDXL-shaped) and ``tiny-v``
+(SD 2.x-shaped, v-prediction): pipelines built locally for offline tests.
 
-Its weights come from fixed seeds (CPU, fp32), so every machine with the same pinned ML stack
+Their weights come from fixed seeds (CPU, fp32), so every machine with the same pinned ML stack
 builds the same bytes; nothing is downloaded. The tokenizer is CLIP's real BPE vocabulary, taken
 from the copy open_clip ships. The result is an ordinary diffusers ``save_pretrained`` folder in
 the user cache, so it loads through the same code path as any local model folder.
 
-``tiny_identity()`` is pure (it builds nothing) and is what enters cache keys; ``ensure_tiny()``
+* ``tiny``: one CLIP text encoder (width 32), epsilon prediction, 64 px;
+* ``tiny-xl``: SDXL's layout: two text encoders of different widths (32, like CLIP ViT-L's role, and
+  48 with a text projection, OpenCLIP ViT-bigG's role), the UNet's added ``text_time`` embedding
+  (pooled text + 6 time ids), cross-attention over both encoders' hidden states (32 + 48), linear
+  projections, ``force_zeros_for_empty_prompt``;
+* ``tiny-v``: SD 2.x's layout: one OpenCLIP-H-shaped text encoder (GELU, ``!`` as the pad token, width
+  48), linear projections, v-prediction.
+
+``tiny_identity(name)`` is pure (it builds nothing) and is what enters cache keys; ``ensure_tiny(name)``
 builds the folder once (atomically, under a file lock) and returns its path.
 """
 from __future__ import annotations
@@ -18,6 +27,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 TINY_VERSION = 1
@@ -75,6 +85,52 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 TOKENIZER_MAX_LENGTH = 77
 SEED_OFFSETS = {"unet": 0, "vae": 1, "text_encoder": 2}
 
+# tiny-xl: SDXL's layout in miniature (diffusers' own SDXL pipeline tests use the same shapes).
+XL_TEXT_CONFIG: dict[str, Any] = {**TEXT_CONFIG, "hidden_act": "gelu"}
+XL_TEXT_2_CONFIG: dict[str, Any] = {**TEXT_CONFIG, "hidden_size": 48, "intermediate_size": 64, "hidden_act": "gelu",
+                                    "projection_dim": 48, "pad_token_id": 0}
+XL_UNET_CONFIG: dict[str, Any] = {
+    **UNET_CONFIG,
+    "attention_head_dim": [2, 4],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "transformer_layers_per_block": [1, 2],
+    "projection_class_embeddings_input_dim": 6 * 8 + 48,  # 6 time ids x 8 + the pooled text (projection_dim)
+    "cross_attention_dim": 32 + 48,  # both encoders' hidden states, concatenated
+    "norm_num_groups": 32,
+}
+# tiny-v: SD 2.x's layout (OpenCLIP-H-shaped text encoder, linear projections, v-prediction).
+V_TEXT_CONFIG: dict[str, Any] = {**TEXT_CONFIG, "hidden_size": 48, "intermediate_size": 64, "hidden_act": "gelu",
+                                 "pad_token_id": 0}
+V_UNET_CONFIG: dict[str, Any] = {**UNET_CONFIG, "attention_head_dim": [2, 4], "use_linear_projection": True,
+                                 "cross_attention_dim": 48}
+V_SCHEDULER_CONFIG: dict[str, Any] = {**SCHEDULER_CONFIG, "prediction_type": "v_prediction"}
+PAD_TOKEN_2 = "!"  # SD 2.x's tokenizer and SDXL's second tokenizer pad with "!" (id 0)
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """One embedded random-weight model: its name, family and component configs."""
+
+    name: str
+    family: str  # sd1 | sd2 | sdxl (see caspec.models.family)
+    version: int
+    unet: dict[str, Any]
+    text_encoder: dict[str, Any]
+    text_encoder_2: dict[str, Any] | None = None
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(SCHEDULER_CONFIG))
+    pad_token: str | None = None  # the (first) tokenizer's pad token; None: CLIP's <|endoftext|>
+
+
+TINY_MODELS: dict[str, TinyModel] = {
+    "tiny": TinyModel("tiny", "sd1", TINY_VERSION, UNET_CONFIG, TEXT_CONFIG),
+    "tiny-xl": TinyModel("tiny-xl", "sdxl", 1, XL_UNET_CONFIG, XL_TEXT_CONFIG, XL_TEXT_2_CONFIG),
+    "tiny-v": TinyModel("tiny-v", "sd2", 1, V_UNET_CONFIG, V_TEXT_CONFIG, scheduler=V_SCHEDULER_CONFIG,
+                        pad_token=PAD_TOKEN_2),
+}
+"""The embedded random-weight models by name (their ``version`` bumps when their weights change)."""
+
 # What a finished build folder must contain (checked before it is trusted).
 _REQUIRED = (
     "model_index.json",
@@ -107,38 +163,50 @@ def cache_root() -> Path:
     return base / "caspec"
 
 
-def tiny_identity() -> dict[str, Any]:
-    """Everything that decides tiny's weights (pure: builds and imports nothing heavy)."""
-    return {
-        "tiny_version": TINY_VERSION,
+def tiny_identity(name: str = "tiny") -> dict[str, Any]:
+    """Everything that decides an embedded random model's weights (pure: builds and imports nothing heavy)."""
+    m = TINY_MODELS[name]
+    ident: dict[str, Any] = {
+        "tiny_version": m.version,
         "seed": TINY_SEED,
         "seed_offsets": dict(SEED_OFFSETS),
         "resolution": TINY_RESOLUTION,
-        "unet": UNET_CONFIG,
+        "unet": m.unet,
         "vae": VAE_CONFIG,
-        "text_encoder": TEXT_CONFIG,
-        "scheduler": {"class": "DDIMScheduler", **SCHEDULER_CONFIG},
+        "text_encoder": m.text_encoder,
+        "scheduler": {"class": "DDIMScheduler", **m.scheduler},
         "tokenizer": {"bpe": "open_clip default_bpe", "model_max_length": TOKENIZER_MAX_LENGTH},
         "torch": _version("torch"),
         "diffusers": _version("diffusers"),
         "transformers": _version("transformers"),
         "open_clip_torch": _version("open_clip_torch"),
     }
+    if name != "tiny":  # tiny's identity predates the others: kept as it was, so its keys stay
+        ident.update(name=name, family=m.family, text_encoder_2=m.text_encoder_2, pad_token=m.pad_token)
+    return ident
 
 
-def tiny_dir() -> Path:
-    """Where the tiny model folder lives (it may not be built yet)."""
-    return cache_root() / "models" / f"tiny-v{TINY_VERSION}"
+def tiny_dir(name: str = "tiny") -> Path:
+    """Where an embedded random model's folder lives (it may not be built yet)."""
+    stem = "tiny" if name == "tiny" else name
+    return cache_root() / "models" / f"{stem}-v{TINY_MODELS[name].version}"
 
 
-def _is_complete(folder: Path) -> bool:
-    if not all((folder / rel).is_file() for rel in _REQUIRED):
+def _required(name: str) -> tuple[str, ...]:
+    if TINY_MODELS[name].text_encoder_2 is None:
+        return _REQUIRED
+    return _REQUIRED + ("text_encoder_2/config.json", "text_encoder_2/model.safetensors",
+                        "tokenizer_2/tokenizer_config.json")
+
+
+def _is_complete(folder: Path, name: str = "tiny") -> bool:
+    if not all((folder / rel).is_file() for rel in _required(name)):
         return False
     try:
         stored = json.loads((folder / IDENTITY_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return stored == json.loads(json.dumps(tiny_identity()))
+    return stored == json.loads(json.dumps(tiny_identity(name)))
 
 
 def build_atomically(target: Path, is_complete: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:
@@ -167,9 +235,10 @@ def build_atomically(target: Path, is_complete: Callable[[Path], bool], build: C
     return target
 
 
-def ensure_tiny() -> Path:
-    """Build the tiny model once into the user cache (see :func:`build_atomically`) and return its folder."""
-    return build_atomically(tiny_dir(), _is_complete, build_tiny)
+def ensure_tiny(name: str = "tiny") -> Path:
+    """Build an embedded random model once into the user cache (see :func:`build_atomically`); its folder."""
+    return build_atomically(tiny_dir(name), lambda folder: _is_complete(folder, name),
+                            lambda out: build_tiny(out, name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,14 +293,25 @@ def write_clip_vocab(folder: Path) -> None:
                                        encoding="utf-8")
 
 
-def build_tiny(out: Path) -> None:
-    """Build the tiny pipeline's components into ``out`` (a diffusers ``save_pretrained`` layout)."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def _clip_tokenizer(pad_token: str | None) -> Any:
+    from transformers import CLIPTokenizer
 
-    def seeded(name: str):
-        torch.manual_seed(TINY_SEED + SEED_OFFSETS[name])
+    vocab, merges = clip_vocab()
+    kwargs = {"pad_token": pad_token} if pad_token else {}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TOKENIZER_MAX_LENGTH, **kwargs)
+
+
+def build_tiny(out: Path, name: str = "tiny") -> None:
+    """Build an embedded random model's components into ``out`` (a diffusers ``save_pretrained`` layout)."""
+    import torch
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    m = TINY_MODELS[name]
+
+    def seeded(part: str):
+        torch.manual_seed(TINY_SEED + SEED_OFFSETS[part])
 
     # never disturb the caller's global RNG state
     with torch.random.fork_rng(devices=[]):
@@ -239,31 +319,34 @@ def build_tiny(out: Path) -> None:
         torch.set_default_dtype(torch.float32)
         try:
             seeded("unet")
-            unet = UNet2DConditionModel(**UNET_CONFIG)
+            unet = UNet2DConditionModel(**m.unet)
             seeded("vae")
             vae = AutoencoderKL(**VAE_CONFIG)
             seeded("text_encoder")
-            text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+            text_encoder = CLIPTextModel(CLIPTextConfig(**m.text_encoder))
+            text_encoder_2 = None
+            if m.text_encoder_2 is not None:
+                torch.manual_seed(TINY_SEED + SEED_OFFSETS["text_encoder"] + 1)
+                text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**m.text_encoder_2))
         finally:
             torch.set_default_dtype(prev_dtype)
 
-    scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
-    vocab, merges = clip_vocab()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TOKENIZER_MAX_LENGTH)
-
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    scheduler = DDIMScheduler(**m.scheduler)
+    tokenizer = _clip_tokenizer(m.pad_token)
+    if text_encoder_2 is not None:
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=_clip_tokenizer(PAD_TOKEN_2), unet=unet,
+                                         scheduler=scheduler, force_zeros_for_empty_prompt=True)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
-    write_clip_vocab(out / "tokenizer")  # the classic files too, as SD folders ship them
-    (out / IDENTITY_FILE).write_text(json.dumps(tiny_identity(), indent=1, sort_keys=True), encoding="utf-8")
+    for sub in ("tokenizer", "tokenizer_2"):
+        if (out / sub).is_dir():
+            write_clip_vocab(out / sub)  # the classic files too, as SD folders ship them
+    (out / IDENTITY_FILE).write_text(json.dumps(tiny_identity(name), indent=1, sort_keys=True), encoding="utf-8")
 
 
-__all__ = ["TINY_VERSION", "TINY_RESOLUTION", "cache_root", "tiny_identity", "tiny_dir", "ensure_tiny", "build_tiny"]
+__all__ = ["TINY_VERSION", "TINY_RESOLUTION", "TINY_MODELS", "TinyModel", "cache_root", "tiny_identity", "tiny_dir",
+           "ensure_tiny", "build_tiny"]

@@ -56,6 +56,7 @@ class ComposeOp(Op):
         pipe = load_pipeline(ctx.model, ctx.spec_dir, fresh=True)
         with tempfile.TemporaryDirectory(prefix="caspec-compose-") as tmp:
             assets = [load_asset(folder, name=f"asset{i}") for i, folder in enumerate(self._folders(ctx, Path(tmp)))]
+        ctx.extra.setdefault("model_family", pipe.family)
         for i, asset in enumerate(assets):
             _check_base(ctx, i, asset)
             apply_asset(pipe, asset, lora_scale=0.0, adapter_name=f"asset{i}")
@@ -116,22 +117,28 @@ def set_scales(pipe: Any, scales: list[float]) -> None:
     from ..assets.format import set_lora_scale
 
     for i, scale in enumerate(scales):
-        for module in (pipe.unet, pipe.text_encoder):
+        for _, module in pipe.lora_modules:
             set_lora_scale(module, f"asset{i}", scale)
 
 
 def _check_base(ctx: RunContext, i: int, asset: Any) -> None:
-    """Refuse an asset trained on other *weights*; the dtype it was trained in does not matter."""
+    """Refuse an asset trained on another model family or other *weights*; its training dtype does not matter."""
+    from ..assets.format import check_family
     from ..models.load import identity_differences
 
+    names = list(getattr(ctx.extra.get("step"), "assets", []))
+    shown = names[i] if i < len(names) else f"asset {i}"
+    try:
+        check_family(asset, ctx.extra.get("model_family") or asset.family, f"this step's model `{ctx.model.base}`")
+    except ValueError as exc:
+        raise StepFailed(ctx.step_id, f"asset `{shown}` ({asset.path}): {exc}",
+                         hint="compose assets with the base model they were trained on") from None
     trained_on = (asset.card.get("base_model") or {})
     theirs, ours = trained_on.get("identity"), ctx.extra.get("model_identity")
     if theirs is None or ours is None:
         return
     diff = identity_differences(theirs, ours)
     if diff:
-        names = list(getattr(ctx.extra.get("step"), "assets", []))
-        shown = names[i] if i < len(names) else f"asset {i}"
         raise StepFailed(ctx.step_id, f"asset `{shown}` ({asset.path}) was trained on base model "
                          f"`{trained_on.get('base', '?')}`, but this step runs `{ctx.model.base}`, whose weights "
                          f"differ ({'; '.join(diff)}: the asset's vs this step's)",

@@ -33,7 +33,9 @@ class TrainOp(Op):
         settings = {k: v for k, v in step.train.model_dump().items() if k not in RUN_SETTINGS}
         settings["seed"] = spec.defaults.seed if settings["seed"] is None else settings["seed"]
         settings["lora_alpha"] = float(settings["lora_alpha"] or settings["lora_rank"])
-        return {"words": [{"token": w.token, "init": w.init} for w in step.words],
+        # `vectors` enters the key only when it is not the default, so older keys stay valid
+        return {"words": [{"token": w.token, "init": w.init, **({"vectors": w.vectors} if w.vectors != 1 else {})}
+                          for w in step.words],
                 "caption": step.caption if step.caption is not None else " ".join(w.token for w in step.words),
                 "preview_prompts": step.preview_prompts, "resolution": step.resolution, "train": settings}
 
@@ -76,7 +78,7 @@ class TrainOp(Op):
                                     preview_prompts=p["preview_prompts"], progress=progress)
         except ValueError as exc:
             raise StepFailed(ctx.step_id, str(exc)) from None
-        card = _card(ctx, p, words, captions, images, source.key, summary, run_settings)
+        card = _card(ctx, p, words, captions, images, source.key, summary, run_settings, pipe.family)
         write_card(ctx.out_dir, card)
         ctx.meta.update({k: summary.get(k) for k in ("seconds", "steps_run", "resumed_from")})
         return {"asset": {"tokens": [w.token for w in words], "final_loss": summary.get("final_loss"),
@@ -97,8 +99,9 @@ def _check_targets(ctx: RunContext, pipe: Any, train: dict[str, Any]) -> None:
     from ..assets.format import check_targets
 
     where = ctx.extra.get("where", lambda *path: "")
-    for field, module, what in (("unet_targets", pipe.unet, "the UNet"),
-                                ("text_targets", pipe.text_encoder, "the text encoder")):
+    checks = [("unet_targets", pipe.unet, "the UNet")]
+    checks += [("text_targets", te, f"the {comp.replace('_', ' ')}") for comp, _, te in pipe.text_encoders]
+    for field, module, what in checks:
         for i, target in enumerate(train[field]):
             try:
                 check_targets(module, [target], what)
@@ -114,7 +117,10 @@ def _check_prompts(ctx: RunContext, pipe: Any, p: dict[str, Any], words: list[An
     caption_path = ("caption",) if getattr(ctx.extra.get("step"), "caption", None) is not None else ("words",)
     fields = [(caption_path, c) for c in captions]
     fields += [(("preview_prompts", i), t) for i, t in enumerate(p["preview_prompts"] or [])]
-    check_prompts(ctx, pipe, "concepts", fields, pseudo_words=[w.token for w in words])
+    from ..models.text import sub_tokens
+
+    check_prompts(ctx, pipe, "concepts", fields, pseudo_words=[w.token for w in words],
+                  expansions={w.token: sub_tokens(w.token, w.vectors) for w in words})
 
 
 def _expand_words(words: list[dict[str, str]], n: int) -> list[Any]:
@@ -122,21 +128,25 @@ def _expand_words(words: list[dict[str, str]], n: int) -> list[Any]:
 
     out = []
     for w in words:
+        vectors = int(w.get("vectors", 1))
         if "{k}" in w["token"]:
-            out += [PseudoWord(w["token"].replace("{k}", str(k)), w["init"], "varied") for k in range(1, n + 1)]
+            out += [PseudoWord(w["token"].replace("{k}", str(k)), w["init"], "varied", vectors) for k in range(1, n + 1)]
         else:
-            out.append(PseudoWord(w["token"], w["init"], "constant"))
+            out.append(PseudoWord(w["token"], w["init"], "constant", vectors))
     return out
 
 
 def _card(ctx: RunContext, p: dict[str, Any], words: list[Any], captions: list[str], images: list[dict[str, Any]],
-          source_key: str, summary: dict[str, Any], run_settings: dict[str, int]) -> dict[str, Any]:
+          source_key: str, summary: dict[str, Any], run_settings: dict[str, int], family: str) -> dict[str, Any]:
     return {
         "format": 1,
         "kind": "caspec concept asset",
-        "pseudo_words": [{"token": w.token, "init": w.init, "role": w.role} for w in words],
+        "pseudo_words": [{"token": w.token, "init": w.init, "role": w.role, **({"vectors": w.vectors}
+                                                                               if w.vectors != 1 else {})}
+                         for w in words],
         "captions": captions,
-        "base_model": {"base": ctx.model.base, "identity": ctx.extra.get("model_identity")},
+        "base_model": {"base": ctx.model.base, "family": family,
+                       "identity": ctx.extra.get("model_identity")},
         "training": p["train"],
         "run": run_settings,
         "seed": p["train"]["seed"],

@@ -27,7 +27,7 @@ class _Model(BaseModel):
 class ModelSpec(_Model):
     """Which diffusion model runs the steps: ``tiny`` (embedded), a local diffusers folder, or a hub id."""
 
-    base: str = Field("tiny", min_length=1, description="`toy` (embedded, trained on the shapes world), `tiny` (embedded, random weights), a local diffusers folder, or a hub id such as `stable-diffusion-v1-5/stable-diffusion-v1-5`.")
+    base: str = Field("tiny", min_length=1, description="`toy` (embedded, trained on the shapes world), `tiny` (embedded, random weights; `tiny-xl` SDXL-shaped, `tiny-v` SD 2.x-shaped with v-prediction), a local diffusers folder (SD 1.x, SD 2.x or SDXL), or a hub id such as `stabilityai/stable-diffusion-xl-base-1.0`.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit). Resolved to a commit from the local cache so the cache key never follows a moving name.")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="Weight dtype: `auto` is fp16 on CUDA and fp32 on CPU; the VAE always runs in fp32.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run: `auto` picks CUDA when available.")
@@ -100,7 +100,7 @@ class EditStep(Sampling):
 
 TOY_CLIP_MODEL = "caspec-toy-clip"
 TINY_CLIP_MODEL = "caspec-tiny-clip"
-DEFAULT_CLIP = {"toy": TOY_CLIP_MODEL, "tiny": TINY_CLIP_MODEL}
+DEFAULT_CLIP = {"toy": TOY_CLIP_MODEL, "tiny": TINY_CLIP_MODEL, "tiny-xl": TINY_CLIP_MODEL, "tiny-v": TINY_CLIP_MODEL}
 """CLIP model of `select: by: clip` and `eval` when none is named, per embedded diffusion model (others: ViT-B-32)."""
 _CLIP_MODEL_HELP = ("open_clip model name; default `ViT-B-32`, or with the embedded models `caspec-toy-clip` (`model: toy`; "
                     "shipped, trained on the shapes world) and `caspec-tiny-clip` (`model: tiny`; random weights, for "
@@ -152,6 +152,7 @@ class PseudoWordSpec(_Model):
     token: Annotated[str, StringConstraints(pattern=PSEUDO_WORD, min_length=3, max_length=64)] = Field(
         description="The pseudo-word, in angle brackets. `{k}` (1-based image index) makes it one word per image.")
     init: str = Field(min_length=1, description="An ordinary word whose embedding seeds the pseudo-word's (e.g. `dance`, `robot`).")
+    vectors: int = Field(1, ge=1, le=16, description="Embedding vectors the word holds (A1111's `num_vectors_per_token`); 1 is the paper's setting. A word of N vectors takes N of the prompt's 75 token places.")
 
     @property
     def varied(self) -> bool:

@@ -25,8 +25,11 @@ class PseudoWord:
     token: str
     init_word: str
     role: str
+    vectors: int = 1  # embedding vectors (sub-tokens) the word occupies; 1 = the paper's setting
 
     def __post_init__(self) -> None:
+        if isinstance(self.vectors, bool) or not isinstance(self.vectors, int) or not 1 <= self.vectors <= 16:
+            raise ValueError(f"pseudo-word {self.token}: vectors must be an integer from 1 to 16, got {self.vectors!r}")
         if not isinstance(self.token, str) or not self.token.strip() or self.token != self.token.strip():
             raise ValueError(f"pseudo-word token {self.token!r} must be a non-empty string without surrounding spaces")
         if any(c.isspace() for c in self.token):

@@ -49,6 +49,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..assets import format as fmt
+from ..assets.kohya_sdxl import unet_layout
+from ..models.text import added_cond, encode_ids
 from ..ops.seeds import derive_seed
 from .config import NON_NUMERIC_SETTINGS, PseudoWord, TrainConfig
 
@@ -56,7 +58,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = "caspec-train-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: new embeddings per text encoder (SDXL), multi-vector words
 TRAINER_VERSION = 1  # bump when the training numerics change (enters the checkpoint fingerprint)
 PREVIEW_STEPS = 20
 PREVIEW_GUIDANCE = 7.5
@@ -138,21 +140,25 @@ def _check_inputs(pipe: Any, words: list[PseudoWord], items: list[tuple[Image.Im
         raise ValueError("mixed_precision fp16 needs a CUDA device; on the CPU use `no` or `bf16`")
     if cfg.phase2_steps > 0:
         fmt.check_targets(pipe.unet, cfg.unet_targets, "the UNet")
-        fmt.check_targets(pipe.text_encoder, cfg.text_targets, "the text encoder")
-    _check_lengths(pipe, tokens, [c for _, c in items], preview_prompts)
+        for comp, _, te in pipe.text_encoders:
+            fmt.check_targets(te, cfg.text_targets, f"the {comp.replace('_', ' ')}")
+    _check_lengths(pipe, words, [c for _, c in items], preview_prompts)
 
 
-def _check_lengths(pipe: Any, tokens: list[str], captions: list[str], preview_prompts: list[str] | None) -> None:
+def _check_lengths(pipe: Any, words: list[PseudoWord], captions: list[str], preview_prompts: list[str] | None) -> None:
     """Every caption and preview prompt fits the text encoder's window (``PromptTooLong``, a ValueError):
-    a cut caption would train without the pseudo-words it loses."""
+    a cut caption would train without the pseudo-words it loses. A multi-vector word counts as its vectors."""
     from ..models.prompts import check_prompt
+    from ..models.text import expand_text, sub_tokens
 
+    expansions = {w.token: sub_tokens(w.token, w.vectors) for w in words}
+    tokens = [t for subs in expansions.values() for t in subs]
     for k, caption in enumerate(captions, 1):
-        check_prompt(pipe.tokenizer, caption, what=f"caption {k} ({caption[:40]}...)" if len(caption) > 40
-                     else f"caption {k}", pseudo_words=tokens, text_encoder=pipe.text_encoder)
+        check_prompt(pipe.tokenizer, expand_text(caption, expansions), what=f"caption {k} ({caption[:40]}...)"
+                     if len(caption) > 40 else f"caption {k}", pseudo_words=tokens, text_encoder=pipe.text_encoder)
     for i, prompt in enumerate(preview_prompts or []):
-        check_prompt(pipe.tokenizer, prompt, what=f"preview prompt {i + 1}", pseudo_words=tokens,
-                     text_encoder=pipe.text_encoder)
+        check_prompt(pipe.tokenizer, expand_text(prompt, expansions), what=f"preview prompt {i + 1}",
+                     pseudo_words=tokens, text_encoder=pipe.text_encoder)
 
 
 def _training_resolution(pipe: Any, images: list[Image.Image]) -> int:
@@ -182,7 +188,7 @@ class _Trainer:
         self.total = cfg.total_steps
         self.resolution = _training_resolution(pipe, [im for im, _ in items])
         self.fingerprint = self._fingerprint()
-        self.hook = None
+        self.hooks: list[Any] = []
         self.lora_on = False
         self.log_records: list[dict[str, Any]] = []
 
@@ -195,7 +201,7 @@ class _Trainer:
         payload = {
             "trainer": TRAINER_VERSION,
             "settings": settings,
-            "words": [[w.token, w.init_word, w.role] for w in self.words],
+            "words": [[w.token, w.init_word, w.role] + ([w.vectors] if w.vectors != 1 else []) for w in self.words],
             "items": [[pixel_digest(im), cap] for im, cap in self.items],
             "resolution": self.resolution,
             "model": getattr(self.pipe, "identity", {}),
@@ -208,39 +214,39 @@ class _Trainer:
 
     def _setup_model(self) -> None:
         pipe, cfg = self.pipe, self.cfg
-        for module in (pipe.text_encoder, pipe.unet, pipe.vae):
+        for module in (*(te for _, _, te in pipe.text_encoders), pipe.unet, pipe.vae):
             module.requires_grad_(False)
-        tok, te = pipe.tokenizer, pipe.text_encoder
         self.tokens = [w.token for w in self.words]
-        init_ids = [fmt.first_token_id(tok, w.init_word, token=w.token) for w in self.words]
-        self.new_ids = fmt.add_new_tokens(tok, te, self.tokens)
-        emb_layer = te.get_input_embeddings()
-        weight = emb_layer.weight
-        with torch.no_grad():
-            init_rows = weight[torch.tensor(init_ids, device=weight.device)].detach().clone()
-            weight[torch.tensor(self.new_ids, device=weight.device)] = init_rows  # for anyone reading the table
-        self.new_emb = torch.nn.Parameter(init_rows.float().clone())
-        lut = torch.full((weight.shape[0],), -1, dtype=torch.long)
-        lut[torch.tensor(self.new_ids)] = torch.arange(len(self.new_ids))
-        self.lut = lut.to(weight.device)
+        vectors = {w.token: w.vectors for w in self.words}
+        init_word = {w.token: w.init_word for w in self.words}
+        # per text encoder: the init rows of every (sub-)token, then the new ids (SDXL: both encoders)
+        inits = {comp: [fmt.first_token_id(tok, init_word[w], token=w) for w in self.tokens for _ in range(vectors[w])]
+                 for comp, tok, _ in pipe.text_encoders}
+        self.new_ids = fmt.add_pseudo_words(pipe, vectors)
+        self.new_embs: dict[str, torch.nn.Parameter] = {}
+        self.luts: dict[str, torch.Tensor] = {}
+        self.hooks = []
+        for comp, _, te in pipe.text_encoders:
+            emb_layer = te.get_input_embeddings()
+            weight = emb_layer.weight
+            with torch.no_grad():
+                init_rows = weight[torch.tensor(inits[comp], device=weight.device)].detach().clone()
+                weight[torch.tensor(self.new_ids[comp], device=weight.device)] = init_rows  # for anyone reading it
+            self.new_embs[comp] = torch.nn.Parameter(init_rows.float().clone())
+            lut = torch.full((weight.shape[0],), -1, dtype=torch.long)
+            lut[torch.tensor(self.new_ids[comp])] = torch.arange(len(self.new_ids[comp]))
+            self.luts[comp] = lut.to(weight.device)
+            self.hooks.append(emb_layer.register_forward_hook(self._splicer(comp)))
 
-        def splice(_module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            ids = args[0]
-            sel = self.lut[ids]
-            mask = (sel >= 0).unsqueeze(-1)
-            rows = self.new_emb[sel.clamp(min=0)].to(output.dtype)
-            return torch.where(mask, rows, output)
+        # captions -> ids per encoder (their length was checked: nothing is cut), each pseudo-word one token
+        from ..models.text import expand_prompt, tokenize
 
-        self.hook = emb_layer.register_forward_hook(splice)
-
-        # captions -> ids (their length was checked: nothing is cut), checking each pseudo-word is one token
-        enc = tok([c for _, c in self.items], padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt")
-        self.input_ids = enc.input_ids.to(self.device)
-        self.attention_mask = (enc.attention_mask.to(self.device)
-                               if getattr(te.config, "use_attention_mask", False) else None)
-        present = set(enc.input_ids.flatten().tolist())
-        for w, i in zip(self.words, self.new_ids):
+        captions = [expand_prompt(pipe, c) for _, c in self.items]
+        self.caption_ids = [(ids.to(self.device), None if mask is None else mask.to(self.device))
+                            for ids, mask in tokenize(pipe, captions)]
+        present = set(self.caption_ids[0][0].flatten().tolist())
+        for w in self.words:
+            i = self.new_ids["text_encoder"][self._offset(w.token)]
             if i not in present:
                 raise ValueError(f"pseudo-word {w.token} is lost when the captions are tokenized "
                                  f"(the token glued to other text?)")
@@ -268,6 +274,25 @@ class _Trainer:
         needs_scaler = use_cuda and (cfg.mixed_precision == "fp16" or pipe.dtype == torch.float16)
         self.scaler = torch.amp.GradScaler("cuda") if needs_scaler else None
 
+    def _splicer(self, comp: str) -> Callable[..., torch.Tensor]:
+        """A forward hook on ``comp``'s token-embedding layer that puts the trained rows in place of the table's."""
+        def splice(_module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            sel = self.luts[comp][args[0]]
+            mask = (sel >= 0).unsqueeze(-1)
+            rows = self.new_embs[comp][sel.clamp(min=0)].to(output.dtype)
+            return torch.where(mask, rows, output)
+
+        return splice
+
+    def _offset(self, token: str) -> int:
+        """Where ``token``'s first row sits among the new rows."""
+        n = 0
+        for w in self.words:
+            if w.token == token:
+                return n
+            n += w.vectors
+        raise KeyError(token)
+
     def _latent(self, k: int, flipped: bool) -> torch.Tensor:
         key = (k, flipped)
         z = self.latent_cache.get(key)
@@ -284,8 +309,8 @@ class _Trainer:
 
     def _inject_lora(self) -> None:
         cfg = self.cfg
-        for comp, module, targets in (("text_encoder", self.pipe.text_encoder, cfg.text_targets),
-                                      ("unet", self.pipe.unet, cfg.unet_targets)):
+        for comp, module in self.pipe.lora_modules:
+            targets = cfg.unet_targets if comp == "unet" else cfg.text_targets
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(cfg.seed, "lora-init", comp))
                 fmt.inject_lora(module, fmt.lora_config(cfg.lora_rank, cfg.lora_alpha, targets), self.adapter,
@@ -306,11 +331,12 @@ class _Trainer:
 
     def _optimizer(self, phase: int) -> torch.optim.Optimizer:
         cfg = self.cfg
-        groups = [{"params": [self.new_emb], "lr": cfg.lr_embeddings}]
+        groups = [{"params": list(self.new_embs.values()), "lr": cfg.lr_embeddings}]
         if phase == 2 and not cfg.phase2_embeddings:
             groups = []
         if phase == 2:
-            unet_p, text_p = self._lora_params(self.pipe.unet), self._lora_params(self.pipe.text_encoder)
+            unet_p = self._lora_params(self.pipe.unet)
+            text_p = [p for _, _, te in self.pipe.text_encoders for p in self._lora_params(te)]
             if not unet_p or not text_p:
                 raise RuntimeError("LoRA injection produced no trainable parameters")
             groups += [{"params": unet_p, "lr": cfg.lr_lora_unet}, {"params": text_p, "lr": cfg.lr_lora_text}]
@@ -347,12 +373,12 @@ class _Trainer:
             t = torch.randint(0, self.num_train_timesteps, (bs,), generator=g).to(self.device)
             z_t = self.noise_sched.add_noise(z0, noise, t)
             target = noise if self.prediction_type == "epsilon" else self.noise_sched.get_velocity(z0, noise, t)
-            ids = self.input_ids[idx]
-            mask = None if self.attention_mask is None else self.attention_mask[idx]
+            ids = [(i[idx], None if m is None else m[idx]) for i, m in self.caption_ids]
             with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                 enabled=self.autocast_dtype is not None):
-                enc = pipe.text_encoder(ids, attention_mask=mask)[0].to(pipe.dtype)
-                pred = pipe.unet(z_t.to(pipe.dtype), t, encoder_hidden_states=enc, return_dict=False)[0]
+                cond = encode_ids(pipe, ids).to(pipe.dtype)
+                pred = pipe.unet(z_t.to(pipe.dtype), t, encoder_hidden_states=cond.embeds,
+                                 added_cond_kwargs=added_cond(pipe, cond, self.resolution), return_dict=False)[0]
             per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
             if cfg.min_snr_gamma is not None:
                 from diffusers.training_utils import compute_snr
@@ -373,7 +399,8 @@ class _Trainer:
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)
-        self.new_emb.grad = None  # not in the optimizer when phase 2 trains LoRA only
+        for param in self.new_embs.values():
+            param.grad = None  # not in the optimizer when phase 2 trains LoRA only
         return total / ga
 
     # ------------------------------------------------------------------ checkpoints
@@ -390,9 +417,9 @@ class _Trainer:
             "step": done,
             "phase": phase,
             "tokens": list(self.tokens),
-            "new_embeddings": self.new_emb.detach().to("cpu").clone(),
+            "new_embeddings": {comp: p.detach().to("cpu").clone() for comp, p in self.new_embs.items()},
             "lora": ({comp: {k: v.detach().to("cpu").clone() for k, v in fmt.lora_state_dict(m, self.adapter).items()}
-                      for comp, m in (("text_encoder", self.pipe.text_encoder), ("unet", self.pipe.unet))}
+                      for comp, m in self.pipe.lora_modules}
                      if self.lora_on else None),
             "optimizer": opt.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -429,7 +456,9 @@ class _Trainer:
         if not isinstance(step, int) or not 0 < step <= self.total or phase not in (1, 2):
             return f"bad step/phase ({step}, {phase})"
         emb = state.get("new_embeddings")
-        if not isinstance(emb, torch.Tensor) or tuple(emb.shape) != tuple(self.new_emb.shape):
+        if not isinstance(emb, dict) or set(emb) != set(self.new_embs) or any(
+                not isinstance(emb[c], torch.Tensor) or tuple(emb[c].shape) != tuple(p.shape)
+                for c, p in self.new_embs.items()):
             return "the embeddings do not fit"
         if phase == 2 and not isinstance(state.get("lora"), dict):
             return "phase-2 checkpoint without LoRA weights"
@@ -472,8 +501,8 @@ class _Trainer:
             tmp.replace(path)
 
     def _set_train(self, on: bool) -> None:
-        self.pipe.unet.train(on)
-        self.pipe.text_encoder.train(on)
+        for _, module in self.pipe.lora_modules:
+            module.train(on)
 
     # ------------------------------------------------------------------ the run
 
@@ -518,11 +547,12 @@ class _Trainer:
         if state is not None:
             start = resumed_from = int(state["step"])
             with torch.no_grad():
-                self.new_emb.copy_(state["new_embeddings"].to(self.new_emb.device, self.new_emb.dtype))
+                for comp, param in self.new_embs.items():
+                    param.copy_(state["new_embeddings"][comp].to(param.device, param.dtype))
             self.log_records = list(state["log"])
             if state["phase"] == 2:
                 self._inject_lora()
-                for comp, module in (("text_encoder", self.pipe.text_encoder), ("unet", self.pipe.unet)):
+                for comp, module in self.pipe.lora_modules:
                     device = next(module.parameters()).device
                     fmt.load_lora_state(module, {k: v.to(device) for k, v in state["lora"][comp].items()}, self.adapter)
             if start < self.total and (1 if start < p1 else 2) == state["phase"]:
@@ -562,39 +592,54 @@ class _Trainer:
 
     def _teardown(self) -> None:
         """Leave the pipe usable on its own: learned rows in the table, no hook, eval mode, no grads."""
-        if self.hook is not None:
-            self.hook.remove()
-            self.hook = None
-            weight = self.pipe.text_encoder.get_input_embeddings().weight
-            with torch.no_grad():
-                for j, i in enumerate(self.new_ids):
-                    weight[i] = self.new_emb[j].detach().to(weight.dtype)
+        for hook in getattr(self, "hooks", []):
+            hook.remove()
+        if getattr(self, "hooks", None):
+            self.hooks = []
+            for comp, _, te in self.pipe.text_encoders:
+                weight = te.get_input_embeddings().weight
+                with torch.no_grad():
+                    weight[torch.tensor(self.new_ids[comp], device=weight.device)] = \
+                        self.new_embs[comp].detach().to(weight.device, weight.dtype)
         if self.cfg.gradient_checkpointing:
             self.pipe.unet.disable_gradient_checkpointing()
             disable = (getattr(self.pipe.text_encoder, "activation_checkpointing_disable", None)
                        or self.pipe.text_encoder.gradient_checkpointing_disable)
             disable()
         self._set_train(False)
-        for module in (self.pipe.text_encoder, self.pipe.unet):
+        for _, module in self.pipe.lora_modules:
             for p in module.parameters():
                 p.requires_grad_(False)
                 p.grad = None
 
+    def _rows(self, comp: str) -> dict[str, torch.Tensor]:
+        """token -> its trained rows for ``comp`` (``[d]`` for a one-vector word, else ``[n, d]``)."""
+        out = {}
+        for w in self.words:
+            j = self._offset(w.token)
+            rows = self.new_embs[comp][j:j + w.vectors].detach()
+            out[w.token] = rows[0] if w.vectors == 1 else rows
+        return out
+
     def _write_asset(self) -> None:
         lora: dict[str, dict[str, torch.Tensor]] = {}
         if self.lora_on:
-            lora = {"text_encoder": fmt.lora_state_dict(self.pipe.text_encoder, self.adapter),
-                    "unet": fmt.lora_state_dict(self.pipe.unet, self.adapter)}
+            lora = {comp: fmt.lora_state_dict(m, self.adapter) for comp, m in self.pipe.lora_modules}
+        targets = {comp: (self.cfg.unet_targets if comp == "unet" else self.cfg.text_targets)
+                   for comp, _ in self.pipe.lora_modules}
         fmt.save_asset(
             self.out_dir,
             tokens=self.tokens,
             roles={w.token: w.role for w in self.words},
             init_words={w.token: w.init_word for w in self.words},
-            embeddings={t: self.new_emb[j].detach() for j, t in enumerate(self.tokens)},
+            embeddings=self._rows("text_encoder"),
+            embeddings_2=self._rows("text_encoder_2") if "text_encoder_2" in self.new_embs else None,
             lora=lora,
             lora_rank=self.cfg.lora_rank,
             lora_alpha=self.cfg.lora_alpha,
-            targets={"unet": self.cfg.unet_targets, "text_encoder": self.cfg.text_targets},
+            targets=targets,
+            family=getattr(self.pipe, "family", "sd1"),
+            unet_layout=unet_layout(self.pipe.unet.config) if getattr(self.pipe, "family", "") == "sdxl" else None,
         )
         fmt.write_loss_log(self.out_dir, self.log_records)
 
