@@ -1,0 +1,57 @@
+"""The measures of issue 17's claims (caspec.toyworld.claims) on exact renders whose truth is known."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from caspec.toyworld import claims
+from caspec.toyworld.experiment import BACKGROUND, HUE, SPOT
+from caspec.toyworld.render import Scene, render
+
+
+def img(**change):
+    obj = dataclasses.replace(SPOT, **change)
+    return render(Scene((obj,), background=BACKGROUND, size=32))
+
+
+def test_part2_counts_place_and_hue_together(monkeypatch):
+    right = img(hue=HUE.hue)                              # exact place, exact hue
+    off_place = img(hue=HUE.hue, x=0.75)                  # hue right, place wrong
+    off_hue = img(hue=HUE.hue + 0.1)                      # place right, hue wrong
+    images = {sid: [(right, {}), (off_place, {}), (off_hue, {}), (right, {})] for sid in claims.MIXES}
+    monkeypatch.setattr(claims, "step_images", lambda loaded, store, sid: images[sid])
+    out = claims.part2(None, None)
+    r = out["mix-paper"]
+    assert r["images"] == 4 and r["place_and_hue"] == pytest.approx(0.5)
+    assert r["place_within"] == pytest.approx(0.75) and r["hue_within"] == pytest.approx(0.75)
+    assert r["square"] == 1.0 and r["place_error"]["n"] == 4
+
+
+def test_part1_compares_with_image_k_and_the_position_word(monkeypatch):
+    train = [img(hue=h) for h in (0.60, 0.35, 0.80, 0.92)]  # training images k = 1..4 (blue, green, ...)
+    colors = ["blue", "green", "purple", "pink"]
+    steps = {
+        "spot-picks": [(im, {"prompt": f"a {c} square"}) for im, c in zip(train, colors)],
+        "a1-new": [(img(hue=0.0), {"prompt": "a red <spot>"}), (img(hue=0.5, x=0.8), {"prompt": "a cyan <spot>"})],
+        "a1-bk": [(img(hue=0.60), {"prompt": "a <spot-c1> <spot>"}), (img(hue=0.45), {"prompt": "a <spot-c2> <spot>"})],
+        "bk-right": [(img(hue=0.80, x=0.8), {"prompt": "a <spot-c3> square at the right"}),
+                     (img(hue=0.92), {"prompt": "a <spot-c4> square at the right"})],
+    }
+    for c in ("red", "cyan", "yellow"):
+        steps[f"plain-new-{c}"] = [(img(hue={"red": 0.0, "cyan": 0.5, "yellow": 0.16}[c]), {"prompt": f"a {c} square"})]
+    for c in colors:
+        steps[f"plain-left-{c}"] = [(img(hue=0.1), {"prompt": f"a {c} square at the left"})]
+        steps[f"plain-right-{c}"] = [(img(hue=0.1, x=0.8), {"prompt": f"a {c} square at the right"})]
+    monkeypatch.setattr(claims, "step_images", lambda loaded, store, sid: steps[sid])
+    out = claims.part1(None, None)
+    assert [t["color"] for t in out["training_images"]] == colors
+    new = out["a1_new"]["two-phase"]
+    assert new["position_error"]["within"] == pytest.approx(0.5) and new["images"] == 2
+    bk = out["a1_bk"]["two-phase"]
+    assert bk["position_error"]["within"] == 1.0
+    assert bk["hue_error"]["n"] == 2 and bk["hue_error"]["within"] == pytest.approx(0.5)  # k=1 exact, k=2 off
+    right = out["bk_right"]["two-phase"]
+    assert right["position_followed"] == pytest.approx(0.5) and right["hue_error"]["within"] == 1.0
+    assert out["bk_right"]["plain"]["position_followed"] == 1.0
+    assert out["bk_right"]["plain"]["hue_error"]["within"] == 0.0  # hue 0.1 vs every image k
