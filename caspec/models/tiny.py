@@ -188,8 +188,7 @@ def tiny_identity(name: str = "tiny") -> dict[str, Any]:
 
 def tiny_dir(name: str = "tiny") -> Path:
     """Where an embedded random model's folder lives (it may not be built yet)."""
-    stem = "tiny" if name == "tiny" else name
-    return cache_root() / "models" / f"{stem}-v{TINY_MODELS[name].version}"
+    return cache_root() / "models" / f"{name}-v{TINY_MODELS[name].version}"
 
 
 def _required(name: str) -> tuple[str, ...]:
