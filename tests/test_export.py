@@ -90,11 +90,15 @@ def assert_same_asset(got, want, *, tokens=None, exact_meta=True):
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("export")
+    return build(tmp_path_factory.mktemp("export"), UNET_T)
+
+
+def build(tmp: Path, unet_targets: list[str]) -> dict:
+    """A random asset on `tiny` with LoRA on ``unet_targets``, and the reference outputs of apply_asset."""
     pipe = fresh(tmp)
     g = torch.Generator().manual_seed(0)
     lora = {}
-    for comp, module, targets in (("unet", pipe.unet, UNET_T), ("text_encoder", pipe.text_encoder, TE_T)):
+    for comp, module, targets in (("unet", pipe.unet, unet_targets), ("text_encoder", pipe.text_encoder, TE_T)):
         fmt.inject_lora(module, fmt.lora_config(RANK, ALPHA, targets), "build", trainable=False)
         state = fmt.lora_state_dict(module, "build")
         lora[comp] = {k: torch.randn(v.shape, generator=g) * (0.05 if ".lora_B." in k else 0.5)
@@ -103,7 +107,7 @@ def made(tmp_path_factory):
     emb = {t: torch.randn(d, generator=g) * 0.3 for t in TOKENS}
     folder = tmp / "my-asset"
     fmt.save_asset(folder, tokens=TOKENS, roles=ROLES, init_words=INITS, embeddings=emb, lora=lora, lora_rank=RANK,
-                   lora_alpha=ALPHA, targets={"unet": UNET_T, "text_encoder": TE_T})
+                   lora_alpha=ALPHA, targets={"unet": unet_targets, "text_encoder": TE_T})
     fmt.write_card(folder, {"format": 1, "base_model": {"base": "tiny"},
                             "pseudo_words": [{"token": t, "init": INITS[t], "role": ROLES[t]} for t in TOKENS]})
     asset = fmt.load_asset(folder)
@@ -141,6 +145,31 @@ def test_diffusers_export_loads_with_diffusers_and_matches_apply_asset(made, tmp
     assert close(enc, ref_enc)
     assert close(unet, ref_unet)
     assert (ref_unet - made["base_unet"]).abs().max() > 1e-3  # the LoRA matters: a wrong scale would show
+
+
+@pytest.mark.slow
+def test_conv_lora_exports_load_in_diffusers_and_import_back(tmp_path):
+    """LoRA on the ResNet convolutions (`unet_targets: [..., conv1, conv2]`): the diffusers and kohya
+    exports load with diffusers' own loaders into the model apply_asset makes, and import back exactly."""
+    conv = build(tmp_path, UNET_T + ["conv1", "conv2"])
+    asset = conv["asset"]
+    assert any(".conv1.lora_A." in k and v.dim() == 4 for k, v in asset.lora["unet"].items())
+    for kind in ("diffusers", "a1111"):
+        files = ex.export_asset(asset, kind, tmp_path / kind)
+        lora_file = tmp_path / kind / (ex.DIFFUSERS_LORA_FILE if kind == "diffusers" else "my-asset.safetensors")
+        sd = sd_pipeline(fresh(tmp_path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sd.load_lora_weights(str(lora_file), adapter_name="c")
+            for tok in TOKENS:  # a1111 files are named by the word, without the token's brackets
+                sd.load_textual_inversion(str(tmp_path / kind / f"{ex.word_for(tok)}.safetensors"), token=tok)
+        enc, unet = outputs(sd)
+        assert close(enc, conv["ref"][0]) and close(unet, conv["ref"][1]), kind
+        got = fmt.load_asset(import_asset(tmp_path / kind, tmp_path / f"imp-{kind}"))
+        assert_same_asset(got, asset)
+        assert got.targets["unet"] == UNET_T + ["conv1", "conv2"]
+    # the convolutions matter: the same asset without them gives another UNet output
+    assert (conv["ref"][1] - build(tmp_path / "attn", UNET_T)["ref"][1]).abs().max() > 1e-4
 
 
 # -- kohya / a1111 / bundle ---------------------------------------------------------------------

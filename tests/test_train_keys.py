@@ -34,3 +34,13 @@ def test_checkpoint_and_preview_cadence_stay_out_of_the_key(tmp_path):
         assert train_key(demo(tmp_path, extra)) == base, extra
     # a setting that changes the weights does change the key
     assert train_key(demo(tmp_path, "      lr_embeddings: 0.001\n")) != base
+
+
+def test_timestep_sampling_enters_the_key_only_when_set_apart_from_the_default(tmp_path):
+    """`timestep_sampling` came after keys were published: at its default (`uniform`) it is left out, so
+    every older training key stays valid; `cubic` makes another key."""
+    base = train_key(demo(tmp_path))
+    assert train_key(demo(tmp_path, "      timestep_sampling: uniform\n")) == base
+    assert train_key(demo(tmp_path, "      timestep_sampling: cubic\n")) != base
+    params = make_plan(load_spec(demo(tmp_path)), LocalStore(tmp_path / ".caspec")).nodes["dancing-robot"].params
+    assert "timestep_sampling" not in params["train"]

@@ -351,3 +351,32 @@ def test_checkpoint_and_preview_cadence_do_not_change_the_weights(trained, tmp_p
     for name in ("step-000012-0.png", "step-000012-1.png"):  # the final previews follow the weights alone
         assert np.array_equal(np.asarray(Image.open(out / "previews" / name)),
                               np.asarray(Image.open(trained["out"] / "previews" / name)))
+
+
+def _drawn_timesteps(tmp_path: Path, name: str, **settings) -> list[int]:
+    """The timesteps the UNet sees during a short training with ``settings`` (previews off)."""
+    pipe = fresh(tmp_path)
+    seen: list[int] = []
+    pipe.unet.register_forward_pre_hook(lambda _m, args: seen.extend(int(t) for t in args[1].flatten()))
+    cfg = TrainConfig(**{"phase1_steps": 15, "phase2_steps": 15, "batch_size": 4, "checkpoint_every": 0,
+                         "seed": 3, **settings})
+    train_concept(pipe, WORDS, items(), cfg, tmp_path / name, checkpoint_dir=tmp_path / f"{name}-ck",
+                  preview_prompts=[])
+    return seen[:cfg.total_steps * cfg.batch_size]  # the final previews, if any, come after
+
+
+def test_cubic_timestep_sampling_favours_high_noise(tmp_path):
+    """`timestep_sampling: cubic` draws t = (1 - u^3) T: mostly the noisier half, where the layout is decided;
+    the default stays uniform, and a cubic run makes another asset."""
+    n = 1000  # tiny's num_train_timesteps
+    uniform = _drawn_timesteps(tmp_path, "u")
+    cubic = _drawn_timesteps(tmp_path, "c", timestep_sampling="cubic")
+    assert len(uniform) == len(cubic) == 120
+    assert all(0 <= t < n for t in uniform + cubic)
+    high = [sum(t >= n // 2 for t in ts) / len(ts) for ts in (uniform, cubic)]
+    assert 0.35 < high[0] < 0.65 and high[1] > 0.7, high  # 0.5 and 0.79 expected
+    assert np.mean(cubic) > np.mean(uniform) + 100
+    a = (tmp_path / "u" / "embeddings.safetensors").read_bytes()
+    assert a != (tmp_path / "c" / "embeddings.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="timestep_sampling must be one of uniform, cubic"):
+        TrainConfig(timestep_sampling="logit")

@@ -249,7 +249,6 @@ def diffusers_lora(asset: Asset, layers: Mapping[str, Mapping[str, tuple[Any, An
     that diffusers' default saver would have added.
     """
     from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
 
     saver = StableDiffusionXLLoraLoaderMixin if asset.family == "sdxl" else StableDiffusionLoraLoaderMixin
 
@@ -263,7 +262,7 @@ def diffusers_lora(asset: Asset, layers: Mapping[str, Mapping[str, tuple[Any, An
             path = with_text_model(module) if comp != "unet" else module
             peft_sd[f"{path}.lora_A.weight"] = _f32(a)
             peft_sd[f"{path}.lora_B.weight"] = _f32(b)
-        kwargs[f"{comp}_lora_layers"] = convert_state_dict_to_diffusers(peft_sd)
+        kwargs[f"{comp}_lora_layers"] = _diffusers_names(peft_sd)
         targets = list(asset.targets.get(comp) or [])
         if not targets:  # exact module paths; without `text_model.`, peft's suffix match then fits either layout
             targets = sorted(m.removeprefix(TEXT_MODEL) for m in layers[comp])
@@ -282,6 +281,19 @@ def diffusers_lora(asset: Asset, layers: Mapping[str, Mapping[str, tuple[Any, An
 
     header = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(adapter_meta, indent=2, sort_keys=True)}
     return {k: _f32(v) for k, v in captured.items()}, header
+
+
+def _diffusers_names(peft_sd: dict[str, Any]) -> dict[str, Any]:
+    """diffusers' names for a peft state dict, as its training scripts save them; but where diffusers'
+    converter knows only some of the layers (it maps attention projections, not e.g. the ResNet convolutions
+    of `unet_targets: [..., conv1, conv2]`), every key keeps peft's name: a file that mixes the two styles
+    loads only the peft-named layers in diffusers, while peft names alone load whole."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
+
+    converted = convert_state_dict_to_diffusers(peft_sd)
+    if any(".lora_A." in k or ".lora_B." in k for k in converted):
+        return dict(peft_sd)
+    return converted
 
 
 def kohya_lora(asset: Asset, layers: Mapping[str, Mapping[str, tuple[Any, Any]]]) -> tuple[dict[str, Any], dict[str, str]]:

@@ -14,7 +14,7 @@ from .compose import ASSET_FILES, _is_path, asset_folder
 
 class ExportOp(Op):
     KIND = "export"
-    VERSION = 1
+    VERSION = 2  # 2: a diffusers export of LoRA beyond the attention projections (e.g. convolutions) keeps peft names
     USES_MODEL = False
     TORCH_COMPUTE = False
 

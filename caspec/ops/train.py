@@ -18,6 +18,7 @@ from typing import Any
 
 from ..environment import library_versions
 from ..errors import StepFailed
+from ..train.config import keyed_settings
 from .base import Op, RunContext
 
 LIBRARIES = ("caspec", "torch", "diffusers", "transformers", "peft")
@@ -30,10 +31,10 @@ class TrainOp(Op):
                 # the card's result lost `seconds`/`resumed_from` (now in the record's meta)
 
     def params(self, step: Any, spec: Any) -> dict[str, Any]:
-        settings = {k: v for k, v in step.train.model_dump().items() if k not in RUN_SETTINGS}
+        settings = keyed_settings({k: v for k, v in step.train.model_dump().items() if k not in RUN_SETTINGS})
         settings["seed"] = spec.defaults.seed if settings["seed"] is None else settings["seed"]
         settings["lora_alpha"] = float(settings["lora_alpha"] or settings["lora_rank"])
-        # `vectors` enters the key only when it is not the default, so older keys stay valid
+        # `vectors` (and the LATER_SETTINGS) enter the key only when not the default: older keys stay valid
         return {"words": [{"token": w.token, "init": w.init, **({"vectors": w.vectors} if w.vectors != 1 else {})}
                           for w in step.words],
                 "caption": step.caption if step.caption is not None else " ".join(w.token for w in step.words),

@@ -171,7 +171,9 @@ class TrainSettings(_Model):
     lr_lora_text: float = Field(5e-5, gt=0, le=1)
     lora_rank: int = Field(4, ge=1, le=256)
     lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; default: the rank (scale 1).")
-    unet_targets: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+    unet_targets: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1, description="UNet modules "
+                                    "that get LoRA (suffix match; Linear or Conv2d): add `conv1`, `conv2` for the "
+                                    "ResNet convolutions.")
     text_targets: list[str] = Field(["q_proj", "k_proj", "v_proj", "out_proj"], min_length=1)
     batch_size: int = Field(1, ge=1, le=64)
     grad_accum: int = Field(1, ge=1, le=64)
@@ -179,6 +181,9 @@ class TrainSettings(_Model):
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Default: the spec's seed.")
     gradient_checkpointing: bool = False
     min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting (e.g. 5.0); off by default.")
+    timestep_sampling: Literal["uniform", "cubic"] = Field(
+        "uniform", description="How training timesteps are drawn: `uniform` (the paper) or `cubic`, t = (1 - u^3) T, "
+        "which favours high noise, where the layout is decided (79% of draws in the noisier half).")
     weight_decay: float = Field(1e-2, ge=0, le=1)
     checkpoint_every: int = Field(100, ge=0, description="Save a resumable checkpoint every N steps (0: never).")
     preview_every: int = Field(0, ge=0, description="Render previews every N steps (0: only at the end).")

@@ -11,6 +11,7 @@ from typing import Any
 
 ROLES = ("constant", "varied")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+TIMESTEP_SAMPLINGS = ("uniform", "cubic")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ class TrainConfig:
     seed: int = 0
     gradient_checkpointing: bool = False
     min_snr_gamma: float | None = None
+    # uniform: t ~ U{0..T-1} (the paper); cubic: t = (1 - u^3) T, u ~ U[0, 1): high-noise timesteps, where the
+    # layout is decided, are drawn more often (P(t >= T/2) = 0.79)
+    timestep_sampling: str = "uniform"
     weight_decay: float = 1e-2
     checkpoint_every: int = 100  # optimizer steps; 0 = never
     preview_every: int = 0  # optimizer steps; 0 = only at the end
@@ -118,6 +122,9 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, got {self.mixed_precision!r}")
         if self.min_snr_gamma is not None:
             positive("min_snr_gamma")
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"timestep_sampling must be one of {', '.join(TIMESTEP_SAMPLINGS)}, "
+                             f"got {self.timestep_sampling!r}")
         for name in ("unet_targets", "text_targets"):
             targets = getattr(self, name)
             if not targets:
@@ -136,4 +143,15 @@ class TrainConfig:
 # settings that do not change the trained weights (left out of the checkpoint fingerprint)
 NON_NUMERIC_SETTINGS = frozenset({"checkpoint_every", "preview_every"})
 
-__all__ = ["PseudoWord", "TrainConfig", "ROLES", "MIXED_PRECISIONS", "NON_NUMERIC_SETTINGS"]
+# settings added after keys were first published, with the default they had implicitly before: at that
+# value they are left out of cache keys and checkpoint fingerprints, so older keys stay valid
+LATER_SETTINGS = {"timestep_sampling": "uniform"}
+
+
+def keyed_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without the :data:`LATER_SETTINGS` that have their default (what keys and fingerprints hash)."""
+    return {k: v for k, v in settings.items() if not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
+
+
+__all__ = ["PseudoWord", "TrainConfig", "ROLES", "MIXED_PRECISIONS", "TIMESTEP_SAMPLINGS", "NON_NUMERIC_SETTINGS",
+           "LATER_SETTINGS", "keyed_settings"]

@@ -4,8 +4,9 @@
 pseudo-word from (image k, caption k) pairs — image k is always paired with its own caption, e.g.
 ``<dance1> <robot3>`` — by minimising the diffusion loss of eq. (5):
 ``|| target - unet(z_t^k, t, text_encoder(caption_k)) ||²`` with ``z_t^k = add_noise(z0^k, ε, t)``,
-``t ~ U[0, num_train_timesteps)``, target ``ε`` (or ``v`` for v-prediction models), optionally
-min-SNR weighted.
+``t ~ U[0, num_train_timesteps)`` (or, with ``timestep_sampling: cubic``, ``t = (1 - u³) T``: more
+high-noise steps, where the layout is decided), target ``ε`` (or ``v`` for v-prediction models),
+optionally min-SNR weighted.
 
 * Phase 1 (``phase1_steps``) trains only the new embedding rows (AdamW, ``lr_embeddings``).
 * Phase 2 (``phase2_steps``) injects LoRA (peft, ``init_lora_weights="gaussian"``: B = 0, so the
@@ -52,7 +53,7 @@ from ..assets import format as fmt
 from ..assets.kohya_sdxl import unet_layout
 from ..models.text import added_cond, encode_ids
 from ..ops.seeds import derive_seed
-from .config import NON_NUMERIC_SETTINGS, PseudoWord, TrainConfig
+from .config import NON_NUMERIC_SETTINGS, PseudoWord, TrainConfig, keyed_settings
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ class _Trainer:
     def _fingerprint(self) -> str:
         from ..ops.images import pixel_digest
 
-        settings = {k: v for k, v in self.cfg.to_dict().items() if k not in NON_NUMERIC_SETTINGS}
+        settings = keyed_settings({k: v for k, v in self.cfg.to_dict().items() if k not in NON_NUMERIC_SETTINGS})
         payload = {
             "trainer": TRAINER_VERSION,
             "settings": settings,
@@ -370,7 +371,7 @@ class _Trainer:
             flips = (torch.rand(bs, generator=g) < 0.5).tolist() if cfg.flip else [False] * bs
             z0 = torch.cat([self._latent(k, f) for k, f in zip(idx, flips)]).to(self.device, torch.float32)
             noise = torch.randn(z0.shape, generator=g, dtype=torch.float32).to(self.device)
-            t = torch.randint(0, self.num_train_timesteps, (bs,), generator=g).to(self.device)
+            t = self._timesteps(bs, g).to(self.device)
             z_t = self.noise_sched.add_noise(z0, noise, t)
             target = noise if self.prediction_type == "epsilon" else self.noise_sched.get_velocity(z0, noise, t)
             ids = [(i[idx], None if m is None else m[idx]) for i, m in self.caption_ids]
@@ -402,6 +403,14 @@ class _Trainer:
         for param in self.new_embs.values():
             param.grad = None  # not in the optimizer when phase 2 trains LoRA only
         return total / ga
+
+    def _timesteps(self, bs: int, g: torch.Generator) -> torch.Tensor:
+        """``bs`` training timesteps drawn as ``cfg.timestep_sampling`` says (see :class:`TrainConfig`)."""
+        n = self.num_train_timesteps
+        if self.cfg.timestep_sampling == "uniform":
+            return torch.randint(0, n, (bs,), generator=g)
+        u = torch.rand(bs, generator=g, dtype=torch.float64)
+        return ((1.0 - u ** 3) * n).long().clamp(0, n - 1)
 
     # ------------------------------------------------------------------ checkpoints
 
