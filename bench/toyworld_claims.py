@@ -1,4 +1,4 @@
-"""Benchmark: issue 17, parts 1 and 2, on the `toy` shapes world (2-core CPU, a few minutes).
+"""Benchmark: issue 17, parts 1 and 2 (with the three-asset prompt), on the `toy` shapes world (2-core CPU, a few minutes).
 
 Runs ``specs/toy-claims.yaml`` with caspec (roots -> SDEdit -> CLIP selection -> two-phase training of the
 `spot` and `hue` concepts -> compose), then reads every image with the exact attribute reader
@@ -20,7 +20,7 @@ from caspec.exec.progress import RichReporter
 from caspec.exec.runner import run
 from caspec.spec.load import load_spec
 from caspec.store import open_store
-from caspec.toyworld.claims import MIXES, measure
+from caspec.toyworld.claims import MIXES, MIXES3, measure
 
 SPEC = Path(__file__).resolve().parent.parent / "specs" / "toy-claims.yaml"
 
@@ -47,10 +47,18 @@ def tables(result: dict) -> str:
     lines += ["", "**Part 2: two assets trained apart, one prompt** (`a <hue> <spot>`: hue 0.700 and the place "
               "(0.30, 0.62))", "",
               "| scales (hue / spot) | place and hue | place within 0.1 | hue within 0.02 | square drawn | "
-              "images |", "|---|---|---|---|---|---|"]
+              "at the hue root's place (centre) | images |", "|---|---|---|---|---|---|---|"]
     for sid in MIXES:
         r = p2[sid]
         lines.append(f"| {r['rule']} | {r['place_and_hue']:.0%} | {r['place_within']:.0%} | {r['hue_within']:.0%} | "
+                     f"{r['square']:.0%} | {r['hue_root_place']:.0%} | {r['images']} |")
+    lines += ["", "**Part 2, three assets: `a <hue> <size> <spot>`** (the spot's place, hue 0.700, size 0.56 "
+              "within 0.03, a square)", "",
+              "| rule | all four | place within 0.1 | hue within 0.02 | size within 0.03 | square | images |",
+              "|---|---|---|---|---|---|---|"]
+    for sid in MIXES3:
+        r = result["part2_three"][sid]
+        lines.append(f"| {r['rule']} | {r['all']:.0%} | {r['place']:.0%} | {r['hue']:.0%} | {r['size']:.0%} | "
                      f"{r['square']:.0%} | {r['images']} |")
     return "\n".join(lines)
 

@@ -23,7 +23,7 @@ from caspec.exec.runner import run
 from caspec.metrics.clip import ClipSpec, load_clip
 from caspec.spec.load import load_spec
 from caspec.store import open_store
-from caspec.toyworld.experiment import METHOD_NAMES, ROOTS, WITHIN, measure, plot, root_image
+from caspec.toyworld.experiment import METHOD_NAMES, METHODS, OPTION_METHODS, ROOTS, WITHIN, measure, plot, root_image
 
 SPEC = Path(__file__).resolve().parent.parent / "specs" / "toy-concepts.yaml"
 
@@ -37,7 +37,7 @@ def table(result: dict) -> str:
                   f"| method | mean | sd | median | within {WITHIN[concept]} | {follow} | prompt consistency | "
                   "identity consistency | images |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for method in ("plain", "ti", "lora", "both"):
+        for method in METHODS + OPTION_METHODS:
             r = result[concept].get(method)
             if r is None:
                 continue

@@ -196,3 +196,27 @@ def test_a_prompt_that_would_cut_off_a_pseudo_word_fails_at_its_position(tmp_pat
     assert f"{spec}:8:" in outcome.message and "compose.story.prompts[0]" in outcome.message
     assert "`<style1>` would be cut off" in outcome.message and "`<robot1>`" not in outcome.message
     assert "shorten it" in outcome.hint
+
+
+def test_same_seeds_mask_the_pseudo_words_and_stay_out_of_default_keys(tmp_path, library):
+    """`same_seeds: true`: prompts that differ only in whose pseudo-words they use get the same seeds (methods
+    compared on the same noise); the default keeps seeds from the whole prompt and the key it had."""
+    assert C.image_seeds(5, "a red <spot-ti>", 3, same_seeds=True) == C.image_seeds(5, "a red <spot-both>", 3,
+                                                                                    same_seeds=True)
+    assert C.image_seeds(5, "a red <spot-ti>", 3) != C.image_seeds(5, "a red <spot-both>", 3)
+    assert C.image_seeds(5, "a red <x>", 2, same_seeds=True) != C.image_seeds(5, "a cyan <x>", 2, same_seeds=True)
+    from caspec.ops.seeds import derive_seed
+
+    assert C.image_seeds(5, "a <x>", 2) == [derive_seed(5, "compose", "a <x>", k) for k in range(2)]  # as before
+    spec = write_spec(tmp_path, library)
+    store = LocalStore(tmp_path / ".caspec")
+    node = make_plan(load_spec(spec), store).nodes["story"]
+    assert "same_seeds" not in node.params
+    spec.write_text(spec.read_text().replace("    images: 1\n", "    images: 1\n    same_seeds: true\n"))
+    loaded = load_spec(spec)
+    assert make_plan(loaded, store).nodes["story"].key != node.key
+    assert run(loaded, store).exit_code == 0
+    out = tmp_path / "out" / "comp" / "story"
+    seeds = [int(Image.open(out / f"p{j}-c0.png").text["seed"]) for j in range(3)]
+    assert seeds == [C.image_seeds(5, p, 1, same_seeds=True)[0]
+                     for p in ("a <robot1> in <style1>", "<style1> of a <robot1>", "a photo of a cat")]

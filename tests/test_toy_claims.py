@@ -55,3 +55,44 @@ def test_part1_compares_with_image_k_and_the_position_word(monkeypatch):
     assert right["position_followed"] == pytest.approx(0.5) and right["hue_error"]["within"] == 1.0
     assert out["bk_right"]["plain"]["position_followed"] == 1.0
     assert out["bk_right"]["plain"]["hue_error"]["within"] == 0.0  # hue 0.1 vs every image k
+
+
+def test_part2_three_needs_every_attribute_at_once(monkeypatch):
+    from caspec.toyworld.experiment import SIZE
+
+    exact = img(hue=HUE.hue, size=SIZE.size)                # place, hue, size and shape all exact
+    small = img(hue=HUE.hue, size=0.45)                     # the size is off by 0.11
+    star = img(hue=HUE.hue, size=SIZE.size, shape="star")   # not a square
+    images = {sid: [(exact, {}), (small, {}), (star, {}), (exact, {})] for sid in claims.MIXES3}
+    monkeypatch.setattr(claims, "step_images", lambda loaded, store, sid: images[sid])
+    r = claims.part2_three(None, None)["mix3-paper"]
+    assert r["images"] == 4 and r["all"] == pytest.approx(0.5)
+    assert r["place"] == 1.0 and r["hue"] == 1.0
+    assert r["size"] == pytest.approx(0.75) and r["square"] == pytest.approx(0.75)
+
+
+def test_ablation_rows_read_place_and_the_new_colour(monkeypatch):
+    good = [(img(hue=0.0), {"prompt": "a red <a1s200>"}), (img(hue=0.5), {"prompt": "a cyan <a1s200>"})]
+    moved = [(img(hue=0.0, x=0.8), {"prompt": "a red <a1s200>"}), (img(hue=0.5), {"prompt": "a yellow <a1s200>"})]
+    steps = {f"make-n{n}-{s}": good for n in claims.VARIATIONS for s in claims.ABLATION_STEPS}
+    steps["make-n16-s600"] = moved
+    steps.update({"make-ti": moved, "make-db": good, **{f"plain-{c}": good[:1] for c in claims.NEW_COLORS}})
+    monkeypatch.setattr(claims, "step_images", lambda loaded, store, sid: steps[sid])
+    monkeypatch.setattr(claims, "step_ids", lambda loaded, store: set(steps))
+    out = claims.ablation(object(), None)
+    assert len(out["grid"]) == 15
+    g = out["grid"]["n1-s200"]
+    assert g["position_error"]["within"] == 1.0 and g["color_followed"] == 1.0 and g["images"] == 2
+    m = out["grid"]["n16-s600"]
+    assert m["position_error"]["within"] == pytest.approx(0.5) and m["color_followed"] == pytest.approx(0.5)
+    assert out["baselines"]["plain"]["images"] == 3
+    # a smaller spec (the suite's) measures the cells it has
+    del steps["make-n3-s400"], steps["make-db"]
+    out = claims.ablation(object(), None)
+    assert len(out["grid"]) == 14 and "n3-s400" not in out["grid"] and sorted(out["baselines"]) == ["plain", "ti"]
+
+
+def test_described_reads_pseudo_words_as_the_class_word():
+    assert claims.described("a red <a1s200>") == "a red square"
+    assert claims.described("a cyan <abl-db> square") == "a cyan square"
+    assert claims.described("a <a3s400-c2> <a3s400>") == "a square"

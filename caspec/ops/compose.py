@@ -25,6 +25,13 @@ ASSET_FILES = ("card.yaml", "embeddings.safetensors", "lora.safetensors")
 _WORD = re.compile(r"<[^<>\s]+>")
 
 
+def image_seeds(base: int, prompt: str, images: int, *, same_seeds: bool = False) -> list[int]:
+    """The seeds of a prompt's images: from the prompt, or (``same_seeds``) from the prompt with every
+    pseudo-word masked, so that "a red <x>" and "a red <y>" share their seeds."""
+    text = _WORD.sub("<*>", prompt) if same_seeds else prompt
+    return [derive_seed(base, "compose", text, k) for k in range(images)]
+
+
 def _is_path(asset: str) -> bool:
     from ..spec.load import is_asset_path
 
@@ -36,10 +43,12 @@ class ComposeOp(Op):
     VERSION = 1
 
     def params(self, step: Any, spec: Any) -> dict[str, Any]:
+        # `same_seeds` enters the key only when set, so older keys stay valid
         return {**sampling_for(spec, step), "prompts": list(step.prompts), "images": step.images,
                 "first_scale": step.first_scale, "later_scale": step.later_scale,
                 "asset_scales": [step.asset_scales.get(a) for a in step.assets],
-                "assets": [{"source": "path" if _is_path(a) else "step"} for a in step.assets]}
+                "assets": [{"source": "path" if _is_path(a) else "step"} for a in step.assets],
+                **({"same_seeds": True} if step.same_seeds else {})}
 
     def inputs(self, step: Any, spec_dir: Path) -> dict[str, Path]:
         return {f"asset{i}/{name}": (spec_dir / a / name).resolve()
@@ -80,7 +89,7 @@ class ComposeOp(Op):
         from ..models.sampling import txt2img
 
         p = ctx.params
-        seeds = [derive_seed(p["seed"], "compose", prompt, k) for k in range(p["images"])]
+        seeds = image_seeds(p["seed"], prompt, p["images"], same_seeds=p.get("same_seeds", False))
         images = txt2img(pipe, [prompt] * len(seeds), seeds, steps=p["steps"], guidance_scale=p["guidance_scale"],
                          negative_prompt=p["negative_prompt"], resolution=p["resolution"])
         names = list(getattr(ctx.extra.get("step"), "assets", [])) or [f"asset{i}" for i in range(len(scales))]

@@ -223,6 +223,7 @@ class ComposeStep(Sampling):
     first_scale: float = Field(0.8, ge=0, le=4, description="LoRA scale of the asset named first in a prompt (paper: 0.8).")
     later_scale: float = Field(0.5, ge=0, le=4, description="LoRA scale of each later asset in a prompt (paper: 0.5).")
     asset_scales: dict[str, Annotated[float, Field(ge=0, le=4)]] = Field(default_factory=dict, description="Fixed LoRA scale per asset (by the name used in `assets`), overriding the first/later rule.")
+    same_seeds: bool = Field(False, description="Derive each image's seed from its prompt with the pseudo-words masked, so that prompts differing only in whose pseudo-words they use (`a red <spot-ti>`, `a red <spot-lora>`) get the same seeds: methods compared on the same noise. Default: from the whole prompt.")
 
     @field_validator("prompts", "assets", mode="before")
     @classmethod

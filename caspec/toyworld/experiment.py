@@ -22,10 +22,18 @@ from .render import Obj, Scene, render
 BACKGROUND = (0.0, 0.0, 0.5)
 SPOT = Obj("square", hue=0.07, sat=0.9, val=0.95, size=0.45, x=0.30, y=0.62, rotation=0.0, outline=OUTLINE_PX)
 HUE = Obj("circle", hue=0.70, sat=0.9, val=0.95, size=0.45, x=0.5, y=0.5, rotation=0.0, outline=OUTLINE_PX)
-ROOTS = {"spot": SPOT, "hue": HUE}
+# issue 17's three-asset prompt (specs/toy-claims.yaml): a large green square of exactly size 0.56 ("large"
+# spans 0.4-0.6 in the toy's training scenes), in the centre
+SIZE = Obj("square", hue=0.35, sat=0.9, val=0.95, size=0.56, x=0.5, y=0.5, rotation=0.0, outline=OUTLINE_PX)
+ROOTS = {"spot": SPOT, "hue": HUE, "size": SIZE}
 METHODS = ("plain", "ti", "lora", "both")
 METHOD_NAMES = {"plain": "(a) plain prompt", "ti": "(b) textual inversion only", "lora": "(c) LoRA only",
                 "both": "(d) caspec two-phase"}
+# issue 17, part 4 (specs/toy-position.yaml): the same methods with training options beyond the paper
+OPTION_METHODS = ("cubic", "conv", "cubicconv", "loracc", "cclong")
+METHOD_NAMES.update({"cubic": "(d) two-phase + cubic timesteps", "conv": "(d) two-phase + conv LoRA",
+                     "cubicconv": "(d) two-phase + cubic + conv", "loracc": "(c) LoRA only + cubic + conv",
+                     "cclong": "(d) two-phase + cubic + conv, 400 + 800 steps"})
 NEW_COLORS = ("red", "cyan", "yellow")
 NEW_SHAPES = ("triangle", "ring")
 DESCRIBE = {"spot": "square", "hue": "blue"}
@@ -141,7 +149,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         rows = result.get(concept, {})
         for method, row in rows.items():
             if "prompt_consistency" in row:
-                ax.scatter(row["prompt_consistency"], row["identity_consistency"], marker=markers[method], s=70,
+                ax.scatter(row["prompt_consistency"], row["identity_consistency"], marker=markers.get(method, "D"), s=70,
                            label=METHOD_NAMES[method])
         ax.set_xlabel("prompt consistency (toy CLIP text-image)")
         ax.set_ylabel("identity consistency (toy CLIP image-image)")
@@ -164,4 +172,4 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-__all__ = ["SPOT", "HUE", "ROOTS", "METHODS", "root_image", "write_roots", "hue_distance", "measure", "plot"]
+__all__ = ["SPOT", "HUE", "SIZE", "ROOTS", "METHODS", "OPTION_METHODS", "METHOD_NAMES", "root_image", "write_roots", "hue_distance", "measure", "plot"]
