@@ -14,19 +14,15 @@ Usage: python bench/toyworld_ablation.py [--store DIR] [--json PATH] [--plot PAT
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import shutil
-import sys
-import time
 from pathlib import Path
 
-from caspec.exec.progress import RichReporter
-from caspec.exec.runner import run
 from caspec.metrics.clip import ClipSpec, load_clip
 from caspec.spec.load import load_spec
 from caspec.store import open_store
 from caspec.toyworld.claims import ABLATION_BASELINES, ABLATION_STEPS, NEW_COLORS, VARIATIONS, ablation, step_images
+
+from experiment_run import report, run_timed  # bench/: the drivers' shared run-and-report
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 
@@ -113,18 +109,11 @@ def main() -> int:
     spec = _copy_spec(store_dir.parent / f"{store_dir.name}-spec")
     loaded = load_spec(spec)
     store = open_store(store_dir)
-    t0 = time.perf_counter()
-    summary = run(loaded, store, reporter=RichReporter())
-    seconds = time.perf_counter() - t0
-    if summary.exit_code != 0:
-        print(f"caspec run failed with exit code {summary.exit_code}", file=sys.stderr)
-        return summary.exit_code
+    seconds = run_timed(loaded, store)
+    if seconds is None:
+        return 1
     result = ablation(loaded, store, load_clip(ClipSpec(model="caspec-toy-clip")))
-    meta = {"run_seconds": round(seconds, 1), "machine": platform.machine(), "python": platform.python_version()}
-    print(tables(result))
-    print(json.dumps(meta))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "result": result}, indent=1, sort_keys=True) + "\n")
+    report(tables(result), result, seconds, args.json)
     if args.plot:
         plot(loaded, store, result, Path(args.plot))
     return 0

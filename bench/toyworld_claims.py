@@ -10,17 +10,13 @@ Usage: python bench/toyworld_claims.py [--store DIR] [--json PATH]
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
-import time
 from pathlib import Path
 
-from caspec.exec.progress import RichReporter
-from caspec.exec.runner import run
 from caspec.spec.load import load_spec
 from caspec.store import open_store
 from caspec.toyworld.claims import MIXES, MIXES3, measure
+
+from experiment_run import report, run_timed  # bench/: the drivers' shared run-and-report
 
 SPEC = Path(__file__).resolve().parent.parent / "specs" / "toy-claims.yaml"
 
@@ -70,18 +66,11 @@ def main() -> int:
     args = ap.parse_args()
     loaded = load_spec(SPEC)
     store = open_store(Path(args.store) if args.store else SPEC.parent / ".caspec")
-    t0 = time.perf_counter()
-    summary = run(loaded, store, reporter=RichReporter())
-    seconds = time.perf_counter() - t0
-    if summary.exit_code != 0:
-        print(f"caspec run failed with exit code {summary.exit_code}", file=sys.stderr)
-        return summary.exit_code
+    seconds = run_timed(loaded, store)
+    if seconds is None:
+        return 1
     result = measure(loaded, store)
-    meta = {"run_seconds": round(seconds, 1), "machine": platform.machine(), "python": platform.python_version()}
-    print(tables(result))
-    print(json.dumps(meta))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "result": result}, indent=1, sort_keys=True) + "\n")
+    report(tables(result), result, seconds, args.json)
     return 0
 
 

@@ -12,18 +12,14 @@ Usage: python bench/toyworld_concepts.py [--spec PATH] [--store DIR] [--json PAT
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
-import time
 from pathlib import Path
 
-from caspec.exec.progress import RichReporter
-from caspec.exec.runner import run
 from caspec.metrics.clip import ClipSpec, load_clip
 from caspec.spec.load import load_spec
 from caspec.store import open_store
 from caspec.toyworld.experiment import METHOD_NAMES, METHODS, OPTION_METHODS, ROOTS, WITHIN, measure, plot, root_image
+
+from experiment_run import report, run_timed  # bench/: the drivers' shared run-and-report
 
 SPEC = Path(__file__).resolve().parent.parent / "specs" / "toy-concepts.yaml"
 
@@ -66,19 +62,12 @@ def main() -> int:
             assert im.convert("RGB").tobytes() == root_image(name).tobytes(), f"{committed} differs from its render"
     loaded = load_spec(spec)
     store = open_store(Path(args.store) if args.store else spec.parent / ".caspec")
-    t0 = time.perf_counter()
-    summary = run(loaded, store, reporter=RichReporter())
-    seconds = time.perf_counter() - t0
-    if summary.exit_code != 0:
-        print(f"caspec run failed with exit code {summary.exit_code}", file=sys.stderr)
-        return summary.exit_code
+    seconds = run_timed(loaded, store)
+    if seconds is None:
+        return 1
     clip = load_clip(ClipSpec(model="caspec-toy-clip"))
     result = measure(loaded, store, clip)
-    meta = {"run_seconds": round(seconds, 1), "machine": platform.machine(), "python": platform.python_version()}
-    print(table(result))
-    print(json.dumps(meta))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "result": result}, indent=1, sort_keys=True) + "\n")
+    report(table(result), result, seconds, args.json)
     if args.plot:
         plot(result, Path(args.plot))
     return 0

@@ -30,10 +30,11 @@ METHODS = ("plain", "ti", "lora", "both")
 METHOD_NAMES = {"plain": "(a) plain prompt", "ti": "(b) textual inversion only", "lora": "(c) LoRA only",
                 "both": "(d) caspec two-phase"}
 # issue 17, part 4 (specs/toy-position.yaml): the same methods with training options beyond the paper
-OPTION_METHODS = ("cubic", "conv", "cubicconv", "loracc", "cclong")
+OPTION_METHODS = ("cubic", "conv", "cubicconv", "loracc", "cclong", "ticubic")
 METHOD_NAMES.update({"cubic": "(d) two-phase + cubic timesteps", "conv": "(d) two-phase + conv LoRA",
                      "cubicconv": "(d) two-phase + cubic + conv", "loracc": "(c) LoRA only + cubic + conv",
-                     "cclong": "(d) two-phase + cubic + conv, 400 + 800 steps"})
+                     "cclong": "(d) two-phase + cubic + conv, 400 + 800 steps",
+                     "ticubic": "(b) textual inversion only + cubic"})
 NEW_COLORS = ("red", "cyan", "yellow")
 NEW_SHAPES = ("triangle", "ring")
 DESCRIBE = {"spot": "square", "hue": "blue"}
