@@ -62,7 +62,7 @@ def plot(loaded, store, result: dict, path: Path) -> Path:
     import numpy as np
 
     steps = list(ABLATION_STEPS)
-    fig = plt.figure(figsize=(15, 6.5))
+    fig = plt.figure(figsize=(4 + 2.4 * len(steps), 6.5))
     grid = fig.add_gridspec(len(VARIATIONS), len(steps) + 2, width_ratios=[1] * len(steps) + [1.6, 1.6])
     for i, n in enumerate(VARIATIONS):
         for j, s in enumerate(steps):

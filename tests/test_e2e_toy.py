@@ -68,8 +68,9 @@ def test_hue_distance_wraps():
 
 
 def test_error_stats_report_the_share_within_tolerance():
-    from caspec.toyworld.experiment import _stats
+    from caspec.toyworld.experiment import error_stats
 
-    s = _stats([0.02, 0.05, 0.3, 0.4], within=0.1)
+    s = error_stats([0.02, 0.05, 0.3, 0.4], within=0.1)
     assert s["within"] == 0.5 and s["n"] == 4 and s["median"] == pytest.approx(0.175)
     assert s["mean"] == pytest.approx(0.1925) and s["tolerance"] == 0.1
+    assert error_stats([], within=0.1) is None  # nothing read: no statistics, not a crash

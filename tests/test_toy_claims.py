@@ -80,7 +80,7 @@ def test_ablation_rows_read_place_and_the_new_colour(monkeypatch):
     monkeypatch.setattr(claims, "step_images", lambda loaded, store, sid: steps[sid])
     monkeypatch.setattr(claims, "step_ids", lambda loaded, store: set(steps))
     out = claims.ablation(object(), None)
-    assert len(out["grid"]) == 15
+    assert len(out["grid"]) == len(claims.VARIATIONS) * len(claims.ABLATION_STEPS) == 20
     g = out["grid"]["n1-s200"]
     assert g["position_error"]["within"] == 1.0 and g["color_followed"] == 1.0 and g["images"] == 2
     m = out["grid"]["n16-s600"]
@@ -89,7 +89,7 @@ def test_ablation_rows_read_place_and_the_new_colour(monkeypatch):
     # a smaller spec (the suite's) measures the cells it has
     del steps["make-n3-s400"], steps["make-db"]
     out = claims.ablation(object(), None)
-    assert len(out["grid"]) == 14 and "n3-s400" not in out["grid"] and sorted(out["baselines"]) == ["plain", "ti"]
+    assert len(out["grid"]) == 19 and "n3-s400" not in out["grid"] and sorted(out["baselines"]) == ["plain", "ti"]
 
 
 def test_described_reads_pseudo_words_as_the_class_word():

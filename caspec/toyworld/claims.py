@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .experiment import HUE, SIZE, SPOT, hue_distance
+from .experiment import HUE, SIZE, SPOT, error_stats, hue_distance
 from .reader import read
 
 PLACE_WITHIN = 0.1
@@ -94,14 +94,6 @@ def _reads(images: list[tuple[Any, dict[str, Any]]]) -> list[tuple[Any, dict[str
     return out
 
 
-def _stats(values: list[float], within: float) -> dict[str, Any] | None:
-    if not values:
-        return None
-    a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std()), "median": float(np.median(a)), "n": int(a.size),
-            "within": float((a <= within).mean()), "tolerance": within}
-
-
 def _place_error(r: Any) -> float:
     return math.hypot(r.x - SPOT.x, r.y - SPOT.y)
 
@@ -141,7 +133,7 @@ def part1(loaded: Any, store: Any) -> dict[str, Any]:
             followed.append(r is not None and r.color_name == want)
             if r is not None:
                 place.append(_place_error(r))
-        return {"position_error": _stats(place, PLACE_WITHIN), "color_followed": float(np.mean(followed)),
+        return {"position_error": error_stats(place, PLACE_WITHIN), "color_followed": float(np.mean(followed)),
                 "images": len(rows)}
 
     plain = [x for c in ("red", "cyan", "yellow") for x in _reads(step_images(loaded, store, f"plain-new-{c}"))]
@@ -156,7 +148,7 @@ def part1(loaded: Any, store: Any) -> dict[str, Any]:
                 continue
             place.append(_place_error(r))
             hue.append(hue_distance(r.hue, train[k_of(entry)]["hue"]))
-        return {"position_error": _stats(place, PLACE_WITHIN), "hue_error": _stats(hue, HUE_WITHIN),
+        return {"position_error": error_stats(place, PLACE_WITHIN), "hue_error": error_stats(hue, HUE_WITHIN),
                 "images": len(rows)}
 
     mine = _reads(step_images(loaded, store, "a1-bk"))
@@ -171,7 +163,7 @@ def part1(loaded: Any, store: Any) -> dict[str, Any]:
             right.append(r is not None and r.x > 2 / 3)
             if r is not None:
                 hue.append(hue_distance(r.hue, train[k_of(entry)]["hue"]))
-        return {"hue_error": _stats(hue, HUE_WITHIN), "position_followed": float(np.mean(right)),
+        return {"hue_error": error_stats(hue, HUE_WITHIN), "position_followed": float(np.mean(right)),
                 "images": len(rows)}
 
     mine = _reads(step_images(loaded, store, "bk-right"))
@@ -203,8 +195,8 @@ def part2(loaded: Any, store: Any) -> dict[str, Any]:
         out[sid] = {"rule": rule, "images": len(rows), "place_and_hue": float(np.mean(both)),
                     "place_within": float(np.mean([p <= PLACE_WITHIN for p in place])),
                     "hue_within": float(np.mean([h <= HUE_WITHIN for h in hue])),
-                    "place_error": _stats([p for p in place if math.isfinite(p)], PLACE_WITHIN),
-                    "hue_error": _stats([h for h in hue if math.isfinite(h)], HUE_WITHIN),
+                    "place_error": error_stats([p for p in place if math.isfinite(p)], PLACE_WITHIN),
+                    "hue_error": error_stats([h for h in hue if math.isfinite(h)], HUE_WITHIN),
                     "square": float(np.mean([r is not None and r.shape == "square" for r, _ in rows])),
                     # at the hue root's own place (its concept's constant carries the centre, too)
                     "hue_root_place": float(np.mean([r is not None and math.hypot(r.x - HUE.x, r.y - HUE.y)
@@ -213,7 +205,8 @@ def part2(loaded: Any, store: Any) -> dict[str, Any]:
 
 
 VARIATIONS = (1, 3, 5, 8, 16)
-ABLATION_STEPS = {"s200": "200 + 200", "s400": "400 + 400", "s600": "600 + 600"}
+ABLATION_STEPS = {"s200": "200 + 200", "s400": "400 + 400", "s600": "600 + 600",
+                  "s400cc": "400 + 400, cubic + conv"}  # the last: with part 4's fix for the layout
 ABLATION_BASELINES = {"ti": "textual inversion alone, root only (800 steps)",
                       "db": "LoRA DreamBooth, root only (rare token, 800 steps)",
                       "plain": "plain prompt \"a <colour> square at the left\""}
@@ -244,7 +237,7 @@ def _new_color_row(images: list[tuple[Any, dict[str, Any]]], clip: Any | None) -
         followed.append(r is not None and r.color_name == _word(entry.get("prompt", ""), COLOR_WORDS))
         if r is not None:
             place.append(_place_error(r))
-    row: dict[str, Any] = {"position_error": _stats(place, PLACE_WITHIN), "color_followed": float(np.mean(followed)),
+    row: dict[str, Any] = {"position_error": error_stats(place, PLACE_WITHIN), "color_followed": float(np.mean(followed)),
                            "unreadable": len(images) - len(place), "images": len(images)}
     if clip is not None and images:
         from ..metrics.evaluate import identity_consistency, prompt_consistency
@@ -283,7 +276,7 @@ def part2_three(loaded: Any, store: Any) -> dict[str, Any]:
         every = [all(h) for h in zip(*hits.values())]
         out[sid] = {"rule": rule, "images": len(rows), "all": float(np.mean(every)),
                     **{k: float(np.mean(v)) for k, v in hits.items()},
-                    "size_error": _stats([abs(r.size - SIZE.size) for r in rows if r is not None], SIZE_WITHIN)}
+                    "size_error": error_stats([abs(r.size - SIZE.size) for r in rows if r is not None], SIZE_WITHIN)}
     return out
 
 

@@ -89,7 +89,10 @@ def _groups(loaded: Any, store: Any) -> dict[tuple[str, str], list[tuple[Any, st
     return groups
 
 
-def _stats(values: list[float], within: float) -> dict[str, float]:
+def error_stats(values: list[float], within: float) -> dict[str, Any] | None:
+    """Mean, spread, median, count and the share within ``within`` of a list of errors (None when empty)."""
+    if not values:
+        return None
     a = np.asarray(values, dtype=np.float64)
     return {"mean": float(a.mean()), "std": float(a.std()), "median": float(np.median(a)), "n": int(a.size),
             "within": float((a <= within).mean()), "tolerance": within}
@@ -119,7 +122,7 @@ def measure(loaded: Any, store: Any, clip: Any | None = None) -> dict[str, Any]:
                 followed.append(r.shape == want)
         row: dict[str, Any] = {
             "method": METHOD_NAMES[method],
-            "error": _stats(errors, WITHIN[concept]) if errors else None,
+            "error": error_stats(errors, WITHIN[concept]),
             "error_unit": "distance / image width" if concept == "spot" else "hue distance (1 = full circle)",
             "new_word_followed": float(np.mean(followed)) if followed else 0.0,
             "unreadable": unread,
