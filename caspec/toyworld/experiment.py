@@ -30,11 +30,14 @@ METHODS = ("plain", "ti", "lora", "both")
 METHOD_NAMES = {"plain": "(a) plain prompt", "ti": "(b) textual inversion only", "lora": "(c) LoRA only",
                 "both": "(d) caspec two-phase"}
 # issue 17, part 4 (specs/toy-position.yaml): the same methods with training options beyond the paper
-OPTION_METHODS = ("cubic", "conv", "cubicconv", "loracc", "cclong", "ticubic")
+OPTION_METHODS = ("cubic", "conv", "cubicconv", "loracc", "cclong", "ticubic", "cc600", "cco", "ccolong")
 METHOD_NAMES.update({"cubic": "(d) two-phase + cubic timesteps", "conv": "(d) two-phase + conv LoRA",
                      "cubicconv": "(d) two-phase + cubic + conv", "loracc": "(c) LoRA only + cubic + conv",
                      "cclong": "(d) two-phase + cubic + conv, 400 + 800 steps",
-                     "ticubic": "(b) textual inversion only + cubic"})
+                     "ticubic": "(b) textual inversion only + cubic",
+                     "cc600": "(d) two-phase + cubic + conv, 400 + 600 steps",
+                     "cco": "(d) two-phase + cubic, LoRA on the convolutions only",
+                     "ccolong": "(d) two-phase + cubic, LoRA on the convolutions only, 400 + 800 steps"})
 NEW_COLORS = ("red", "cyan", "yellow")
 NEW_SHAPES = ("triangle", "ring")
 DESCRIBE = {"spot": "square", "hue": "blue"}
@@ -176,4 +179,4 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-__all__ = ["SPOT", "HUE", "SIZE", "ROOTS", "METHODS", "OPTION_METHODS", "METHOD_NAMES", "root_image", "write_roots", "hue_distance", "measure", "plot"]
+__all__ = ["SPOT", "HUE", "SIZE", "ROOTS", "METHODS", "OPTION_METHODS", "METHOD_NAMES", "root_image", "write_roots", "hue_distance", "error_stats", "measure", "plot"]
