@@ -17,7 +17,7 @@ from pathlib import Path
 from caspec.metrics.clip import ClipSpec, load_clip
 from caspec.spec.load import load_spec
 from caspec.store import open_store
-from caspec.toyworld.experiment import METHOD_NAMES, METHODS, OPTION_METHODS, ROOTS, WITHIN, measure, plot, root_image
+from caspec.toyworld.experiment import METHOD_NAMES, METHODS, OPTION_METHODS, ROOTS, WITHIN, measure, paired, plot, root_image
 
 from experiment_run import report, run_timed  # bench/: the drivers' shared run-and-report
 
@@ -46,6 +46,20 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def paired_table(pairs: dict) -> str:
+    """The seed-by-seed comparisons (``a - b``) of the pairs the spec has, and those it could not pair."""
+    lines = []
+    if pairs["rows"]:
+        lines += ["Paired differences on the shared seeds (`a - b`):", "",
+                  "| concept | a | b | mean difference | paired SE | a better on |", "|---|---|---|---|---|---|"]
+        for r in pairs["rows"]:
+            lines.append(f"| {r['concept']} | {METHOD_NAMES[r['a']]} | {METHOD_NAMES[r['b']]} | "
+                         f"{r['mean_difference']:+.4f} | {r['paired_se']:.4f} | {r['a_better']} of {r['n']} |")
+    for r in pairs["skipped"]:
+        lines.append(f"not paired: {r['concept']} {r['a']} - {r['b']}: {r['why']}")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--spec", default=str(SPEC), help="the experiment spec (default: specs/toy-concepts.yaml)")
@@ -67,7 +81,8 @@ def main() -> int:
         return 1
     clip = load_clip(ClipSpec(model="caspec-toy-clip"))
     result = measure(loaded, store, clip)
-    report(table(result), result, seconds, args.json)
+    pairs = paired(loaded, store)
+    report(table(result) + paired_table(pairs), {**result, "paired": pairs}, seconds, args.json)
     if args.plot:
         plot(result, Path(args.plot))
     return 0

@@ -96,3 +96,22 @@ def test_described_reads_pseudo_words_as_the_class_word():
     assert claims.described("a red <a1s200>") == "a red square"
     assert claims.described("a cyan <abl-db> square") == "a cyan square"
     assert claims.described("a <a3s400-c2> <a3s400>") == "a square"
+
+
+def test_paired_differences_compare_image_i_with_image_i(monkeypatch):
+    from caspec.toyworld import experiment
+
+    exact, off, blank = img(), img(x=0.5), render(Scene((), background=BACKGROUND, size=32))
+    # seed by seed: a wins twice (0 vs 0.2), loses once (0.2 vs 0); the unreadable blank drops that seed
+    groups = {("spot", "cubicconv"): [(exact, "p", 1), (exact, "p", 2), (off, "p", 3), (blank, "p", 4)],
+              ("spot", "loracc"): [(off, "p", 1), (off, "p", 2), (exact, "p", 3), (exact, "p", 4)],
+              ("spot", "lora"): [(exact, "p", 1), (exact, "p", 2)],
+              ("spot", "ti"): [(exact, "p", 1), (exact, "p", 5)]}  # other seeds: not paired
+    monkeypatch.setattr(experiment, "_groups", lambda loaded, store: groups)
+    out = experiment.paired(None, None, (("spot", "cubicconv", "loracc"), ("hue", "cubic", "ti"), ("spot", "lora", "ti")))
+    assert len(out["rows"]) == 1  # the spec has no hue methods: that pair is left out
+    r = out["rows"][0]
+    assert (r["a"], r["b"], r["n"], r["a_better"], r["b_better"]) == ("cubicconv", "loracc", 3, 2, 1)
+    assert r["mean_difference"] == pytest.approx(-0.2 / 3, abs=0.01) and r["paired_se"] > 0
+    # images drawn from other seeds (issue 6's spec, without same_seeds) are not compared as pairs
+    assert [(x["a"], x["b"]) for x in out["skipped"]] == [("lora", "ti")] and "same_seeds" in out["skipped"][0]["why"]

@@ -66,8 +66,8 @@ def hue_distance(a: float, b: float) -> float:
     return min(d, 1.0 - d)
 
 
-def _groups(loaded: Any, store: Any) -> dict[tuple[str, str], list[tuple[Any, str]]]:
-    """(concept, method) -> [(image, prompt)] from the run's records and output folders."""
+def _groups(loaded: Any, store: Any) -> dict[tuple[str, str], list[tuple[Any, str, int | None]]]:
+    """(concept, method) -> [(image, prompt, seed)] from the run's records and output folders."""
     from PIL import Image
 
     from ..exec.runner import out_dir_for
@@ -88,7 +88,7 @@ def _groups(loaded: Any, store: Any) -> dict[tuple[str, str], list[tuple[Any, st
         folder = out_dir_for(loaded, sid)
         for entry in record.result["images"]:
             with Image.open(folder / entry["file"]) as im:
-                groups.setdefault((concept, method), []).append((im.convert("RGB"), entry["prompt"]))
+                groups.setdefault((concept, method), []).append((im.convert("RGB"), entry["prompt"], entry.get("seed")))
     return groups
 
 
@@ -101,26 +101,68 @@ def error_stats(values: list[float], within: float) -> dict[str, Any] | None:
             "within": float((a <= within).mean()), "tolerance": within}
 
 
+def _error(concept: str, r: Any) -> float:
+    """The exact attribute's error of reading ``r`` against the concept's root: place or hue."""
+    root = ROOTS[concept]
+    return math.hypot(r.x - root.x, r.y - root.y) if concept == "spot" else hue_distance(r.hue, root.hue)
+
+
+# issue 17, part 4: (concept, a, b) compared seed by seed (BENCHMARKS.md#position)
+PAIRS = (("spot", "both", "lora"), ("spot", "cubicconv", "loracc"), ("spot", "cco", "loracc"),
+         ("spot", "cc600", "loracc"), ("spot", "cclong", "loracc"), ("spot", "ccolong", "loracc"),
+         ("hue", "cubic", "ti"), ("hue", "cubicconv", "ti"), ("hue", "cc600", "ti"), ("hue", "cco", "ti"),
+         ("hue", "cclong", "ti"), ("hue", "ccolong", "ti"))
+
+
+def paired(loaded: Any, store: Any, pairs: tuple[tuple[str, str, str], ...] = PAIRS) -> dict[str, list[dict[str, Any]]]:
+    """Seed-by-seed differences of the error, method ``a`` minus method ``b``, for each pair the spec has.
+
+    With ``compose: same_seeds: true`` and the same prompts in the same order, image i of one method and
+    image i of another share their noise, so the difference is paired: its mean, the standard error of that
+    mean, and on how many seeds each method is better (``rows``). Images unreadable in either method are
+    left out. Pairs whose images were drawn from other seeds cannot be paired: they go to ``skipped``,
+    with the reason."""
+    groups = _groups(loaded, store)
+    rows, skipped = [], []
+    for concept, a, b in pairs:
+        if (concept, a) not in groups or (concept, b) not in groups:
+            continue
+        ia, ib = groups[(concept, a)], groups[(concept, b)]
+        if [seed for _, _, seed in ia] != [seed for _, _, seed in ib]:
+            skipped.append({"concept": concept, "a": a, "b": b,
+                            "why": "drawn from other seeds (compose them with `same_seeds: true`)"})
+            continue
+        diffs = []
+        for (img_a, _, _), (img_b, _, _) in zip(ia, ib):
+            try:
+                diffs.append(_error(concept, read(img_a)) - _error(concept, read(img_b)))
+            except ValueError:
+                continue
+        d = np.asarray(diffs, dtype=np.float64)
+        se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else float("nan")
+        rows.append({"concept": concept, "a": a, "b": b, "n": int(d.size), "mean_difference": float(d.mean()),
+                     "paired_se": se, "a_better": int((d < 0).sum()), "b_better": int((d > 0).sum())})
+    return {"rows": rows, "skipped": skipped}
+
+
 def measure(loaded: Any, store: Any, clip: Any | None = None) -> dict[str, Any]:
     """Reader-based errors (and CLIP metrics when ``clip`` is given) per concept and method."""
     from ..metrics.evaluate import identity_consistency, prompt_consistency
 
     out: dict[str, Any] = {}
     for (concept, method), items in sorted(_groups(loaded, store).items()):
-        root = ROOTS[concept]
         errors, followed, unread = [], [], 0
-        for img, prompt in items:
+        for img, prompt, _ in items:
             try:
                 r = read(img)
             except ValueError:
                 unread += 1
                 continue
+            errors.append(_error(concept, r))
             if concept == "spot":
-                errors.append(math.hypot(r.x - root.x, r.y - root.y))
                 want = next(c for c in NEW_COLORS if f" {c} " in f" {prompt} ")
                 followed.append(r.color_name == want)
             else:
-                errors.append(hue_distance(r.hue, root.hue))
                 want = next(s for s in NEW_SHAPES if prompt.rstrip().endswith(s))
                 followed.append(r.shape == want)
         row: dict[str, Any] = {
@@ -135,8 +177,8 @@ def measure(loaded: Any, store: Any, clip: Any | None = None) -> dict[str, Any]:
             import re
 
             describe = DESCRIBE[concept]
-            texts = [re.sub(r"<[^>]+>", describe, p) if method != "plain" else p for _, p in items]
-            imgs = [im for im, _ in items]
+            texts = [re.sub(r"<[^>]+>", describe, p) if method != "plain" else p for _, p, _ in items]
+            imgs = [im for im, _, _ in items]
             row["prompt_consistency"] = float(np.mean(prompt_consistency(clip, imgs, texts)))
             row["identity_consistency"] = identity_consistency(clip, imgs)
         out.setdefault(concept, {})[method] = row
@@ -179,4 +221,4 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-__all__ = ["SPOT", "HUE", "SIZE", "ROOTS", "METHODS", "OPTION_METHODS", "METHOD_NAMES", "root_image", "write_roots", "hue_distance", "error_stats", "measure", "plot"]
+__all__ = ["SPOT", "HUE", "SIZE", "ROOTS", "METHODS", "OPTION_METHODS", "METHOD_NAMES", "root_image", "write_roots", "hue_distance", "error_stats", "measure", "paired", "PAIRS", "plot"]
