@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .experiment import HUE, SIZE, SPOT, error_stats, hue_distance
+from .experiment import HUE, SIZE, attribute_error, error_stats, hue_distance
 from .reader import read
 
 PLACE_WITHIN = 0.1
@@ -94,10 +94,6 @@ def _reads(images: list[tuple[Any, dict[str, Any]]]) -> list[tuple[Any, dict[str
     return out
 
 
-def _place_error(r: Any) -> float:
-    return math.hypot(r.x - SPOT.x, r.y - SPOT.y)
-
-
 def _word(prompt: str, words: tuple[str, ...]) -> str | None:
     found = [w for w in words if re.search(rf"\b{w}\b", prompt or "")]
     return found[0] if found else None
@@ -132,7 +128,7 @@ def part1(loaded: Any, store: Any) -> dict[str, Any]:
             want = _word(entry.get("prompt", ""), COLOR_WORDS)
             followed.append(r is not None and r.color_name == want)
             if r is not None:
-                place.append(_place_error(r))
+                place.append(attribute_error("spot", r))
         return {"position_error": error_stats(place, PLACE_WITHIN), "color_followed": float(np.mean(followed)),
                 "images": len(rows)}
 
@@ -146,7 +142,7 @@ def part1(loaded: Any, store: Any) -> dict[str, Any]:
         for r, entry in rows:
             if r is None:
                 continue
-            place.append(_place_error(r))
+            place.append(attribute_error("spot", r))
             hue.append(hue_distance(r.hue, train[k_of(entry)]["hue"]))
         return {"position_error": error_stats(place, PLACE_WITHIN), "hue_error": error_stats(hue, HUE_WITHIN),
                 "images": len(rows)}
@@ -189,7 +185,7 @@ def part2(loaded: Any, store: Any) -> dict[str, Any]:
     out = {}
     for sid, rule in MIXES.items():
         rows = _reads(step_images(loaded, store, sid))
-        place = [_place_error(r) if r is not None else math.inf for r, _ in rows]
+        place = [attribute_error("spot", r) if r is not None else math.inf for r, _ in rows]
         hue = [hue_distance(r.hue, HUE.hue) if r is not None else math.inf for r, _ in rows]
         both = [p <= PLACE_WITHIN and h <= HUE_WITHIN for p, h in zip(place, hue)]
         out[sid] = {"rule": rule, "images": len(rows), "place_and_hue": float(np.mean(both)),
@@ -236,7 +232,7 @@ def _new_color_row(images: list[tuple[Any, dict[str, Any]]], clip: Any | None) -
     for r, entry in _reads(images):
         followed.append(r is not None and r.color_name == _word(entry.get("prompt", ""), COLOR_WORDS))
         if r is not None:
-            place.append(_place_error(r))
+            place.append(attribute_error("spot", r))
     row: dict[str, Any] = {"position_error": error_stats(place, PLACE_WITHIN), "color_followed": float(np.mean(followed)),
                            "unreadable": len(images) - len(place), "images": len(images)}
     if clip is not None and images:
@@ -269,7 +265,7 @@ def part2_three(loaded: Any, store: Any) -> dict[str, Any]:
     out = {}
     for sid, rule in MIXES3.items():
         rows = [r for r, _ in _reads(step_images(loaded, store, sid))]
-        hits = {"place": [r is not None and _place_error(r) <= PLACE_WITHIN for r in rows],
+        hits = {"place": [r is not None and attribute_error("spot", r) <= PLACE_WITHIN for r in rows],
                 "hue": [r is not None and hue_distance(r.hue, HUE.hue) <= HUE_WITHIN for r in rows],
                 "size": [r is not None and abs(r.size - SIZE.size) <= SIZE_WITHIN for r in rows],
                 "square": [r is not None and r.shape == "square" for r in rows]}

@@ -101,7 +101,7 @@ def error_stats(values: list[float], within: float) -> dict[str, Any] | None:
             "within": float((a <= within).mean()), "tolerance": within}
 
 
-def _error(concept: str, r: Any) -> float:
+def attribute_error(concept: str, r: Any) -> float:
     """The exact attribute's error of reading ``r`` against the concept's root: place or hue."""
     root = ROOTS[concept]
     return math.hypot(r.x - root.x, r.y - root.y) if concept == "spot" else hue_distance(r.hue, root.hue)
@@ -135,7 +135,7 @@ def paired(loaded: Any, store: Any, pairs: tuple[tuple[str, str, str], ...] = PA
         diffs = []
         for (img_a, _, _), (img_b, _, _) in zip(ia, ib):
             try:
-                diffs.append(_error(concept, read(img_a)) - _error(concept, read(img_b)))
+                diffs.append(attribute_error(concept, read(img_a)) - attribute_error(concept, read(img_b)))
             except ValueError:
                 continue
         d = np.asarray(diffs, dtype=np.float64)
@@ -158,7 +158,7 @@ def measure(loaded: Any, store: Any, clip: Any | None = None) -> dict[str, Any]:
             except ValueError:
                 unread += 1
                 continue
-            errors.append(_error(concept, r))
+            errors.append(attribute_error(concept, r))
             if concept == "spot":
                 want = next(c for c in NEW_COLORS if f" {c} " in f" {prompt} ")
                 followed.append(r.color_name == want)
@@ -221,4 +221,4 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-__all__ = ["SPOT", "HUE", "SIZE", "ROOTS", "METHODS", "OPTION_METHODS", "METHOD_NAMES", "root_image", "write_roots", "hue_distance", "error_stats", "measure", "paired", "PAIRS", "plot"]
+__all__ = ["SPOT", "HUE", "SIZE", "ROOTS", "METHODS", "OPTION_METHODS", "METHOD_NAMES", "root_image", "write_roots", "hue_distance", "error_stats", "attribute_error", "measure", "paired", "PAIRS", "plot"]
