@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 from caspec.errors import ModelError  # noqa: E402
 from caspec.models import sampling as S  # noqa: E402
-from caspec.models.family import folder_family  # noqa: E402
+from caspec.families import folder_family  # noqa: E402
 from caspec.models.load import load_pipeline, model_family, model_identity  # noqa: E402
 from caspec.spec.models import ModelSpec  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Kohya SDXL LoRA names (caspec.assets.kohya_sdxl), checked against diffusers' own SDXL loader as the oracle.
+"""Kohya SDXL LoRA names (caspec.families.sdxl), checked against diffusers' own SDXL loader as the oracle.
 
 Two small random SDXL-shaped UNets (the one diffusers' SDXL pipeline tests use, and a three-down-block one with
 SDXL's block types) and two tiny CLIP text encoders. A kohya file is written with :func:`kohya_sdxl_name`, read
@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from caspec.assets.kohya_sdxl import diffusers_to_sgm, kohya_sdxl_name, sgm_to_diffusers  # noqa: E402
+from caspec.families.sdxl import diffusers_to_sgm, kohya_sdxl_name, sgm_to_diffusers  # noqa: E402
 
 RANK, ALPHA = 4, 8.0  # scale 2: a lost or ignored alpha shows
 ATTN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

@@ -53,7 +53,7 @@ SDXL assets (two text encoders):
   tokenizer=pipe.tokenizer)`` and the same with ``clip_g`` / ``text_encoder_2`` / ``tokenizer_2``;
 * ``pytorch_lora_weights.safetensors`` is packed by ``StableDiffusionXLLoraLoaderMixin.save_lora_weights``
   (``unet.``, ``text_encoder.``, ``text_encoder_2.`` keys), read by ``StableDiffusionXLPipeline.load_lora_weights``;
-* kohya names follow kohya's SDXL naming (:mod:`caspec.assets.kohya_sdxl`): ``lora_unet_input_blocks_4_1_...``
+* kohya names follow kohya's SDXL naming (:mod:`caspec.families.sdxl`): ``lora_unet_input_blocks_4_1_...``
   (the SGM UNet layout), ``lora_te1_text_model_...``, ``lora_te2_text_model_...``; ``ss_base_model_version``
   ``sdxl_base_v1-0``;
 * bundles hold ``bundle_emb.<word>.clip_l`` and ``bundle_emb.<word>.clip_g``.
@@ -69,19 +69,16 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..fsutil import atomic_write_bytes
-from ..models.family import SDXL_EMBEDDING_KEYS
+from .. import families
+from ..families.base import TEXT_MODEL, with_text_model
 from .format import COMPONENTS, Asset, adapter_name_for, safetensors_bytes
-from .kohya_sdxl import SDXL_BASE_LAYOUT, kohya_sdxl_name
 
 FORMATS = ("diffusers", "a1111", "bundle")
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 META_KEY = "caspec"  # header entry of every exported file (JSON)
 EXPORT_FORMAT = "caspec-concept-asset-export"
 EXPORT_VERSION = 2  # 2: family, per-encoder (SDXL) and multi-vector embeddings
-KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-KOHYA_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 BUNDLE_PREFIX = "bundle_emb."
-TEXT_MODEL = "text_model."  # CLIPTextModel's inner module (flattened away by recent transformers)
 
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 
@@ -116,17 +113,10 @@ def lora_layers(state: Mapping[str, Any], what: str = "LoRA") -> dict[str, tuple
     return out
 
 
-def with_text_model(module: str) -> str:
-    """A text-encoder module path with CLIP's ``text_model.`` prefix (the SD1.x layout other tools expect)."""
-    return module if module.startswith(TEXT_MODEL) else TEXT_MODEL + module
-
-
 def kohya_name(comp: str, module: str, asset: Asset | None = None) -> str:
-    """The kohya LoRA layer name of ``comp``'s ``module`` (SDXL assets: kohya's SDXL naming)."""
-    if asset is not None and asset.family == "sdxl":
-        return kohya_sdxl_name(comp, module, asset.unet_layout or SDXL_BASE_LAYOUT)
-    path = with_text_model(module) if comp == "text_encoder" else module
-    return KOHYA_PREFIX[comp] + path.replace(".", "_")
+    """The kohya LoRA layer name of ``comp``'s ``module``, as the asset's family names it (SD 1.x without one)."""
+    family = families.get(asset.family if asset is not None else "sd1")
+    return family.kohya_name(comp, module, asset.unet_layout if asset is not None else None)
 
 
 def _f32(t: Any) -> Any:
@@ -194,9 +184,11 @@ def _emb(asset: Asset, token: str, encoder: str = "text_encoder") -> Any:
 
 
 def embedding_tensors(asset: Asset, token: str, single_key: str) -> dict[str, Any]:
-    """One word's embedding file: ``{single_key: [n, d]}``, or SDXL's ``{"clip_l": ..., "clip_g": ...}``."""
-    if asset.family == "sdxl":
-        return {SDXL_EMBEDDING_KEYS[enc]: _emb(asset, token, enc) for enc in asset.encoders}
+    """One word's embedding file: ``{single_key: [n, d]}``, or one key per text encoder where the family names
+    them (SDXL's ``{"clip_l": ..., "clip_g": ...}``)."""
+    keys = families.get(asset.family).embedding_keys
+    if keys:
+        return {keys[enc]: _emb(asset, token, enc) for enc in asset.encoders}
     return {single_key: _emb(asset, token)}
 
 
@@ -248,9 +240,8 @@ def diffusers_lora(asset: Asset, layers: Mapping[str, Mapping[str, tuple[Any, An
     itself is written by caspec (atomically, canonical header) with the ``lora_adapter_metadata`` entry
     that diffusers' default saver would have added.
     """
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
-
-    saver = StableDiffusionXLLoraLoaderMixin if asset.family == "sdxl" else StableDiffusionLoraLoaderMixin
+    family = families.get(asset.family)
+    saver = family.lora_saver()
 
     kwargs: dict[str, Any] = {}
     adapter_meta: dict[str, Any] = {}
@@ -259,7 +250,7 @@ def diffusers_lora(asset: Asset, layers: Mapping[str, Mapping[str, tuple[Any, An
             continue
         peft_sd = {}
         for module, (a, b) in layers[comp].items():
-            path = with_text_model(module) if comp != "unet" else module
+            path = with_text_model(module) if comp != family.denoiser else module
             peft_sd[f"{path}.lora_A.weight"] = _f32(a)
             peft_sd[f"{path}.lora_B.weight"] = _f32(b)
         kwargs[f"{comp}_lora_layers"] = _diffusers_names(peft_sd)
@@ -318,7 +309,7 @@ def kohya_lora(asset: Asset, layers: Mapping[str, Mapping[str, tuple[Any, Any]]]
             tensors[f"{name}.alpha"] = torch.tensor(float(asset.lora_alpha), dtype=torch.float32)
     header = {"ss_network_module": "networks.lora", "ss_network_dim": str(int(asset.lora_rank)),
               "ss_network_alpha": repr(float(asset.lora_alpha)),
-              "ss_base_model_version": KOHYA_BASE_VERSION.get(asset.family, "sd_v1")}
+              "ss_base_model_version": families.get(asset.family).kohya_base_version}
     return tensors, {**header, "modules": json.dumps(modules, sort_keys=True, separators=(",", ":"))}
 
 

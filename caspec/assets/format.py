@@ -490,8 +490,8 @@ def add_pseudo_words(pipe: Any, vectors: Mapping[str, int]) -> dict[str, list[in
 
 
 def check_family(asset: Asset, family: str, what: str = "this model") -> None:
-    """Refuse an asset trained on another model family (SD 1.x / SD 2.x / SDXL), naming both."""
-    from ..models.family import describe
+    """Refuse an asset trained on another model family (:mod:`caspec.families`), naming both."""
+    from ..families import describe
 
     if (asset.family or "sd1") != (family or "sd1"):
         raise ValueError(f"asset {asset.name} was trained on an {describe(asset.family)} model, but {what} is "

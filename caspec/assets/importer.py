@@ -47,18 +47,19 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..fsutil import atomic_write_bytes
-from ..models.family import SDXL_EMBEDDING_KEYS
-from .export import BUNDLE_PREFIX, EXPORT_FORMAT, KOHYA_PREFIX, META_KEY, TEXT_MODEL, word_for
+from .. import families
+from ..families.base import TEXT_MODEL
+from .export import BUNDLE_PREFIX, EXPORT_FORMAT, META_KEY, word_for
 from .format import COMPONENTS, EMBEDDINGS_FILE, load_asset, save_asset, write_card
-from .kohya_sdxl import SDXL_BASE_LAYOUT
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin")
 PICKLE_SUFFIXES = (".pt", ".bin")
-_KOHYA_STARTS = tuple(KOHYA_PREFIX.values()) + ("lora_te1_", "lora_te2_")
+_KOHYA_STARTS = tuple(sorted({p for f in families.FAMILIES.values() for p in f.kohya_prefix.values()}))
 _KOHYA_LAYER = re.compile(r"^(?P<name>lora_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
-_BUNDLE_KEY = re.compile(r"^bundle_emb\.(?P<word>.+?)\.(?P<part>string_to_param\.\*|clip_l|clip_g)$")
-_ENCODER_OF = {v: k for k, v in SDXL_EMBEDDING_KEYS.items()}  # clip_l -> text_encoder, clip_g -> text_encoder_2
-SD2_WIDTH = 1024
+# embedding-file key -> text encoder, over every family that names its encoders (clip_l -> text_encoder, ...)
+_ENCODER_OF = {key: enc for f in families.FAMILIES.values() for enc, key in (f.embedding_keys or {}).items()}
+_BUNDLE_KEY = re.compile(r"^bundle_emb\.(?P<word>.+?)\.(?P<part>string_to_param\.\*|"
+                         + "|".join(map(re.escape, sorted(_ENCODER_OF))) + ")$")
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 
 
@@ -128,7 +129,7 @@ def _read_file(path: Path, found: _Found) -> None:
         _read_kohya(path, tensors, info, found)
     elif all(k.startswith(tuple(f"{c}." for c in COMPONENTS)) for k in keys):
         _read_diffusers_lora(path, tensors, meta, info, found)
-    elif set(keys) <= {"clip_l", "clip_g"} and "clip_l" in keys:  # SDXL embedding (A1111, diffusers pivotal)
+    elif set(keys) <= set(_ENCODER_OF) and "clip_l" in keys:  # per-encoder embedding (SDXL: A1111, diffusers)
         found.embeddings.append((info.get("token") or path.stem, {_ENCODER_OF[k]: tensors[k] for k in keys}, info))
         found.formats.append("sdxl-embedding")
     elif "emb_params" in tensors and len(keys) == 1:
@@ -222,23 +223,25 @@ def _read_kohya(path: Path, tensors: Mapping[str, Any], info: dict[str, Any], fo
         if m is None:
             raise ValueError(f"{path}: unsupported kohya key {key!r} (plain LoRA only: lora_down / lora_up / alpha)")
         groups.setdefault(m["name"], {})[m["part"]] = value
-    sdxl = info.get("family") == "sdxl" or any(n.startswith(("lora_te1_", "lora_te2_")) for n in groups) \
-        or any("input_blocks_" in n or "output_blocks_" in n or "middle_block_" in n for n in groups)
-    modules = info.get("modules") if isinstance(info.get("modules"), Mapping) else {}
-    if sdxl:
-        found.family = "sdxl"
-        unmapped = {n: p for n, p in groups.items() if n not in modules}
-        if unmapped:
-            layout = info.get("unet_layout") if isinstance(info.get("unet_layout"), Mapping) else SDXL_BASE_LAYOUT
-            modules = {**modules, **_kohya_sdxl_modules(path, unmapped, layout)}
+    family = _lora_family(info, groups)
+    if family is not None:
+        found.family = family.name
+    modules = dict(info.get("modules")) if isinstance(info.get("modules"), Mapping) else {}
     for name, parts in sorted(groups.items()):
         if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
             raise ValueError(f"{path}: layer {name} lacks lora_down or lora_up")
+    unmapped = {n: p for n, p in groups.items() if n not in modules}
+    if unmapped:
+        layout = info.get("unet_layout") if isinstance(info.get("unet_layout"), Mapping) else None
+        try:
+            modules.update((family or families.get("sd1")).kohya_modules(unmapped, layout))
+        except Exception as exc:  # noqa: BLE001 - diffusers' converters raise many kinds
+            raise ValueError(f"{path}: {exc}") from None
+    for name, parts in sorted(groups.items()):
         a, b = parts["lora_down.weight"], parts["lora_up.weight"]
         rank = a.shape[0]
         alpha = float(parts["alpha"].item()) if "alpha" in parts else float(rank)
-        where = modules.get(name)
-        comp, module = where.split(":", 1) if where else _kohya_module(name, a, b)
+        comp, module = modules[name].split(":", 1)
         found.layers.append(_Layer(comp, module, a, b, alpha))
     for word, parts in bundle.items():
         found.embeddings.append((word, parts, {}))
@@ -247,59 +250,13 @@ def _read_kohya(path: Path, tensors: Mapping[str, Any], info: dict[str, Any], fo
     found.formats.append("bundle" if bundle else "a1111")
 
 
-def _kohya_sdxl_modules(path: Path, groups: Mapping[str, Mapping[str, Any]],
-                        layout: Mapping[str, Any]) -> dict[str, str]:
-    """kohya SDXL layer name -> ``component:module path``, through diffusers' own SDXL converter (the UNet's
-    SGM names need its block layout: the exporter's ``unet_layout``, else SDXL base 1.0's)."""
-    from types import SimpleNamespace
-
-    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
-
-    out: dict[str, str] = {}
-    for name, parts in groups.items():
-        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            continue  # reported by the caller
-        sd = {f"{name}.lora_down.weight": parts["lora_down.weight"], f"{name}.lora_up.weight": parts["lora_up.weight"]}
-        try:
-            converted, _ = StableDiffusionXLLoraLoaderMixin.lora_state_dict(sd, unet_config=SimpleNamespace(**layout))
-            comp, module = _converted_module(converted)
-        except Exception as exc:  # noqa: BLE001
-            raise ValueError(f"{path}: cannot map the kohya SDXL layer {name} to a module path ({exc})") from None
-        out[name] = f"{comp}:{module}"
-    return out
-
-
-def _converted_module(converted: Mapping[str, Any]) -> tuple[str, str]:
-    """``(component, peft module path)`` of one layer as diffusers' ``lora_state_dict`` returns it."""
-    from diffusers.utils.state_dict_utils import (StateDictType, convert_state_dict_to_diffusers,
-                                                  convert_state_dict_to_peft, convert_unet_state_dict_to_peft)
-
-    comps = {k.split(".", 1)[0] for k in converted}
-    if len(comps) != 1:
-        raise ValueError(f"converted to {sorted(converted)}")
-    comp = comps.pop()
-    part = {k.removeprefix(f"{comp}."): v for k, v in converted.items()}
-    if comp == "unet":
-        peft = convert_unet_state_dict_to_peft(part)
-    else:
-        peft = convert_state_dict_to_diffusers(part, original_type=StateDictType.DIFFUSERS_OLD)
-        peft = convert_state_dict_to_peft(peft, original_type=StateDictType.DIFFUSERS)
-    down = [k for k in peft if k.endswith(".lora_A.weight")]
-    if len(down) != 1 or len(peft) != 2:
-        raise ValueError(f"converted to {sorted(peft)}")
-    return comp, down[0].removesuffix(".lora_A.weight")
-
-
-def _kohya_module(name: str, a: Any, b: Any) -> tuple[str, str]:
-    """``(component, peft module path)`` for a kohya SD 1.x/2.x layer, through diffusers' own converters."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
-
-    sd = {f"{name}.lora_down.weight": a, f"{name}.lora_up.weight": b}
-    try:
-        converted, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(sd)
-        return _converted_module(converted)
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"cannot map the kohya layer {name} to a module path ({exc})") from None
+def _lora_family(info: Mapping[str, Any], names: Any) -> Any:
+    """The family a LoRA file belongs to: the exporter's word, else the one whose layer names it uses (None:
+    nothing family-specific, an SD 1.x / 2.x file)."""
+    if info.get("family") in families.FAMILIES:
+        return families.get(info["family"])
+    names = list(names)
+    return next((f for f in families.DETECTION_ORDER if f.claims_lora_names(names)), None)
 
 
 def _read_diffusers_lora(path: Path, tensors: Mapping[str, Any], meta: Mapping[str, str], info: dict[str, Any],
@@ -327,8 +284,9 @@ def _read_diffusers_lora(path: Path, tensors: Mapping[str, Any], meta: Mapping[s
         cfg = {k.removeprefix(f"{comp}."): v for k, v in adapter.items() if k.startswith(f"{comp}.")}
         for module, (a, b) in _peft_pairs(peft, path).items():
             found.layers.append(_Layer(comp, module, a, b, _diffusers_alpha(cfg, module, a.shape[0])))
-    if any(k.startswith("text_encoder_2.") for k in tensors):
-        found.family = "sdxl"
+    family = _lora_family(info, list(tensors))
+    if family is not None:
+        found.family = family.name
     found.info = found.info or info
     found.formats.append("diffusers")
 
@@ -468,14 +426,16 @@ def _write(found: _Found, src: Path, out: Path, renames: dict[str, str]) -> Path
 
     lora, rank, alpha, targets = _assemble(found.layers, info)
     out.mkdir(parents=True, exist_ok=True)
-    if family == "sdxl" and not embeddings_2:
-        raise ValueError(f"{src}: an SDXL asset needs embeddings for both text encoders (clip_l and clip_g); "
+    kind = families.get(family)
+    if len(kind.text_encoders) > 1 and not embeddings_2:
+        keys = " and ".join((kind.embedding_keys or {}).get(e, e) for e in kind.text_encoders)
+        raise ValueError(f"{src}: an {kind.title} asset needs embeddings for both text encoders ({keys}); "
                          "these embeddings are for one (SD 1.x / 2.x)")
-    if family != "sdxl" and (lora.get("text_encoder_2")):
+    if len(kind.text_encoders) < 2 and (lora.get("text_encoder_2")):
         raise ValueError(f"{src}: LoRA weights for a second text encoder, but embeddings for one")
     save_asset(out, tokens=toks, roles=roles, init_words=inits, embeddings=embeddings, lora=lora, lora_rank=rank,
                lora_alpha=alpha, targets=targets, family=family, embeddings_2=embeddings_2 or None,
-               unet_layout=(layout or SDXL_BASE_LAYOUT) if family == "sdxl" else None)
+               unet_layout=(layout or kind.default_layout) if kind.default_layout else None)
     card = {
         "format": 1,
         "kind": "caspec concept asset",
@@ -493,15 +453,17 @@ def _family(found: _Found, info: Mapping[str, Any], embeddings: Mapping[str, Any
             embeddings_2: Mapping[str, Any]) -> str:
     """The exporter's word, else what the files show: two text encoders (or SDXL layer names) -> sdxl;
     width 1024 -> sd2; else sd1."""
-    if info.get("family") in ("sd1", "sd2", "sdxl"):
+    if info.get("family") in families.FAMILIES:
         return str(info["family"])
-    tinfo = [i for _, _, i in found.embeddings if i.get("family") in ("sd1", "sd2", "sdxl")]
+    tinfo = [i for _, _, i in found.embeddings if i.get("family") in families.FAMILIES]
     if tinfo:
         return str(tinfo[0]["family"])
-    if embeddings_2 or found.family == "sdxl":
-        return "sdxl"
-    width = {int(t.shape[-1]) for t in embeddings.values()}
-    return "sd2" if width == {SD2_WIDTH} else "sd1"
+    if found.family:
+        return found.family
+    widths = {"text_encoder": {int(t.shape[-1]) for t in embeddings.values()}.pop()}
+    if embeddings_2:
+        widths["text_encoder_2"] = {int(t.shape[-1]) for t in embeddings_2.values()}.pop()
+    return next((f.name for f in families.DETECTION_ORDER if f.claims_embedding(widths)), "sd1")
 
 
 def _format_name(found: _Found) -> str:

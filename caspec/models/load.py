@@ -34,7 +34,8 @@ from typing import Any
 
 from ..errors import ModelError
 from ..spec.models import ModelSpec
-from .family import embedded_family, folder_family
+from .. import families
+from ..families import embedded_family, folder_family
 from .tiny import TINY_MODELS, TINY_RESOLUTION, cache_root, ensure_tiny, tiny_identity
 from .toy import TOY_RESOLUTION, ensure_toy, toy_identity
 
@@ -43,9 +44,6 @@ EMBEDDED = ("tiny", "toy", "tiny-xl", "tiny-v")
 DIGESTS_FILE = "digests.json"
 RUN_FIELDS = ("dtype",)
 """Identity fields that say how the weights run, not which weights they are."""
-# the components load_pipeline loads, and which library's file rules pick their weights
-MODEL_COMPONENTS = (("text_encoder", "transformers"), ("text_encoder_2", "transformers"), ("unet", "diffusers"),
-                    ("vae", "diffusers"))  # text_encoder_2: SDXL only
 WEIGHT_STEMS = {"transformers": ("model", "pytorch_model"),
                 "diffusers": ("diffusion_pytorch_model", "diffusion_pytorch_model")}
 SCHEDULER_CONFIG_FILE = "scheduler/scheduler_config.json"
@@ -216,8 +214,8 @@ def component_weight_files(sub: Path, library: str, variant: str | None) -> list
 
 
 def _tokenizer_files(folder: Path) -> list[str]:
-    """Every file of ``tokenizer/`` (and SDXL's ``tokenizer_2/``): all small; which of them the backend reads
-    varies with its version."""
+    """Every file of ``tokenizer/`` (and ``tokenizer_2/``, where a family has a second one): all small; which of
+    them the backend reads varies with its version."""
     out: list[str] = []
     for name in ("tokenizer", "tokenizer_2"):
         sub = folder / name
@@ -234,12 +232,10 @@ def loaded_files(folder: Path) -> list[str]:
     each component itself), ``safety_checker/``, ``feature_extractor/``, top-level single-file
     checkpoints (``*.ckpt``, ``v1-5-pruned.safetensors``) or variants that are not loaded."""
     files = _tokenizer_files(folder)
-    for comp, library in MODEL_COMPONENTS:
+    for comp, library in families.get(folder_family(folder)).weights:
         sub = folder / comp
-        if comp == "text_encoder_2" and not sub.is_dir():
-            continue
         files.append(f"{comp}/config.json")
-        files += [f"{comp}/{name}" for name in component_weight_files(sub, library, _variant(sub))]
+        files += [f"{comp}/{name}" for name in component_weight_files(sub, library, weight_variant(sub))]
     files.append(SCHEDULER_CONFIG_FILE)
     return sorted(f for f in set(files) if (folder / f).is_file())
 
@@ -312,19 +308,16 @@ def native_resolution(model: ModelSpec, spec_dir: Path) -> int:
     if loc.kind == "toy":
         return TOY_RESOLUTION
     assert loc.folder is not None
+    family = families.get(folder_family(loc.folder))
     try:
-        unet = json.loads((loc.folder / "unet" / "config.json").read_text(encoding="utf-8"))
-        vae = json.loads((loc.folder / "vae" / "config.json").read_text(encoding="utf-8"))
-        size = unet["sample_size"]
-        size = size[0] if isinstance(size, (list, tuple)) else size
-        return int(size) * 2 ** (len(vae["block_out_channels"]) - 1)
+        return family.native_resolution(loc.folder)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"cannot read the unet/vae configs of {loc.folder}: {exc}",
-                         hint="is this a Stable-Diffusion-style diffusers folder?") from None
+        raise ModelError(f"cannot read the {family.denoiser}/vae configs of {loc.folder}: {exc}",
+                         hint=f"is this a complete {family.title} diffusers folder?") from None
 
 
 def model_family(model: ModelSpec, spec_dir: Path) -> str:
-    """``sd1``, ``sd2`` or ``sdxl`` (:mod:`caspec.models.family`), read from configs (no weights loaded)."""
+    """The family name (``sd1``, ``sd2``, ``sdxl``: :mod:`caspec.families`), read from configs (no weights loaded)."""
     loc = locate_model(model, spec_dir)
     if loc.kind in EMBEDDED:
         return embedded_family(loc.kind)
@@ -338,20 +331,20 @@ def model_family(model: ModelSpec, spec_dir: Path) -> str:
 
 @dataclass(eq=False)
 class Pipe:
-    """A loaded Stable-Diffusion-style model (SD 1.x, SD 2.x or SDXL). Shared per process: treat as read-only.
+    """A loaded model of any family (:mod:`caspec.families`). Shared per process: treat as read-only.
 
-    SDXL models also have ``tokenizer_2``/``text_encoder_2`` (None otherwise). ``expansions`` maps a
+    Families with a second text encoder also have ``tokenizer_2``/``text_encoder_2`` (None otherwise). ``expansions`` maps a
     multi-vector pseudo-word to the sub-tokens it stands for in prompts (``<w>`` -> ``<w> <w>_1 <w>_2``,
     diffusers' convention); training and :func:`caspec.assets.format.apply_asset` fill it."""
 
     tokenizer: Any
     text_encoder: Any
-    unet: Any
     vae: Any
     scheduler: Any  # a template; samplers build their own copy from its config
     device: Any  # torch.device
-    dtype: Any  # torch dtype of unet and text encoder (the VAE is fp32)
+    dtype: Any  # torch dtype of the denoiser and text encoders (the VAE is fp32)
     resolution: int  # native square size in pixels
+    unet: Any = None  # the denoiser of UNet families
     identity: dict[str, Any] = field(default_factory=dict)
     family: str = "sd1"
     tokenizer_2: Any = None
@@ -360,17 +353,25 @@ class Pipe:
     expansions: dict[str, list[str]] = field(default_factory=dict)
 
     @property
+    def kind(self) -> families.Family:
+        """This model's :class:`~caspec.families.base.Family`."""
+        return families.get(self.family)
+
+    @property
     def text_encoders(self) -> list[tuple[str, Any, Any]]:
-        """``(component, tokenizer, text encoder)`` for each text encoder, in concatenation order."""
-        out = [("text_encoder", self.tokenizer, self.text_encoder)]
-        if self.text_encoder_2 is not None:
-            out.append(("text_encoder_2", self.tokenizer_2, self.text_encoder_2))
-        return out
+        """``(component, tokenizer, text encoder)`` for each text encoder, in the family's order."""
+        kind = self.kind
+        return [(comp, getattr(self, kind.tokenizers[comp]), getattr(self, comp)) for comp in kind.text_encoders]
+
+    @property
+    def denoiser(self) -> Any:
+        """The UNet (or a DiT family's transformer)."""
+        return getattr(self, self.kind.denoiser)
 
     @property
     def lora_modules(self) -> list[tuple[str, Any]]:
-        """``(component, module)`` for every component LoRA can adapt: the text encoders, then the UNet."""
-        return [(comp, te) for comp, _, te in self.text_encoders] + [("unet", self.unet)]
+        """``(component, module)`` for every component LoRA can adapt: the text encoders, then the denoiser."""
+        return [(comp, getattr(self, comp)) for comp in self.kind.lora_components]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -385,7 +386,7 @@ _PIPES: dict[str, Pipe] = {}
 _PIPES_LOCK = threading.Lock()
 
 
-def _variant(sub: Path) -> str | None:
+def weight_variant(sub: Path) -> str | None:
     """``fp16`` when a component folder holds only fp16-variant weights."""
     names = [p.name for p in sub.iterdir()] if sub.is_dir() else []
     plain = [n for n in names if n.endswith((".safetensors", ".bin")) and ".fp16." not in n]
@@ -433,9 +434,9 @@ def _load(model: ModelSpec, spec_dir: Path, identity: dict[str, Any], device_nam
                          hint=f"check that the cache folder {cache_root()} is writable (or set CASPEC_CACHE)") from None
     assert folder is not None
     try:
+        import diffusers  # noqa: F401
         import torch
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        import transformers  # noqa: F401
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"cannot import the ML stack: {type(exc).__name__}: {exc}",
                          hint="reinstall caspec's pinned dependencies (torch, diffusers, transformers)") from None
@@ -445,33 +446,18 @@ def _load(model: ModelSpec, spec_dir: Path, identity: dict[str, Any], device_nam
                          hint="use `device: auto` or `cpu`")
     device = torch.device(device_name)
     dtype = getattr(torch, _DTYPE_NAMES[identity["dtype"]])
+    family = families.get(embedded_family(loc.kind) if loc.kind in EMBEDDED else folder_family(folder))
     part = "?"
+
+    def at(name: str) -> None:
+        nonlocal part
+        part = name
+
     try:
-        part = "tokenizer"
-        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-        part = "text_encoder"
-        text_encoder = CLIPTextModel.from_pretrained(
-            folder / "text_encoder", local_files_only=True, dtype=dtype, variant=_variant(folder / "text_encoder"))
-        family = embedded_family(loc.kind) if loc.kind in EMBEDDED else folder_family(folder)
-        tokenizer_2 = text_encoder_2 = None
-        if family == "sdxl":
-            part = "tokenizer_2"
-            tokenizer_2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True)
-            part = "text_encoder_2"
-            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-                folder / "text_encoder_2", local_files_only=True, dtype=dtype,
-                variant=_variant(folder / "text_encoder_2"))
-        part = "unet"
-        unet = UNet2DConditionModel.from_pretrained(
-            folder, subfolder="unet", local_files_only=True, torch_dtype=dtype, variant=_variant(folder / "unet"))
-        part = "vae"
-        vae = AutoencoderKL.from_pretrained(
-            folder, subfolder="vae", local_files_only=True, torch_dtype=torch.float32, variant=_variant(folder / "vae"))
-        part = "scheduler"
-        scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
-        part = "device"
-        for module in (text_encoder, text_encoder_2, unet, vae):
-            if module is not None:
+        parts = family.load_parts(folder, dtype, at)
+        at("device")
+        for module in parts.values():
+            if hasattr(module, "to") and hasattr(module, "eval"):
                 module.to(device)
                 module.eval()
     except ModelError:
@@ -479,18 +465,12 @@ def _load(model: ModelSpec, spec_dir: Path, identity: dict[str, Any], device_nam
     except Exception as exc:  # noqa: BLE001
         raise ModelError(
             f"cannot load the {part} of model `{name}` from {folder}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
-            hint="the folder must be a complete Stable-Diffusion-style diffusers folder "
-            "(tokenizer, text_encoder, unet, vae, scheduler; SDXL also tokenizer_2, text_encoder_2); re-download it, "
-            "or use `model: tiny`",
+            hint=f"the folder must be a complete {family.title} diffusers folder "
+            f"({', '.join(family.folders)}); re-download it, or use `model: tiny`",
         ) from None
-    resolution = int(unet.config.sample_size if not isinstance(unet.config.sample_size, (list, tuple))
-                      else unet.config.sample_size[0]) * 2 ** (len(vae.config.block_out_channels) - 1)
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    return Pipe(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=scheduler,
-                device=device, dtype=dtype, resolution=resolution, identity=identity, family=family,
-                tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2,
-                force_zeros_for_empty_prompt=bool(family == "sdxl" and index.get("force_zeros_for_empty_prompt",
-                                                                                 True)))
+    return Pipe(**parts, device=device, dtype=dtype, resolution=family.native_resolution(folder), identity=identity,
+                family=family.name, force_zeros_for_empty_prompt=family.empty_negative_is_zeros(index))
 
 
 __all__ = ["Pipe", "ModelLocation", "locate_model", "model_identity", "weights_identity", "identity_differences",

@@ -1,4 +1,4 @@
-"""How prompts condition the UNet, for every family: tokenizing, encoding, and SDXL's added conditions.
+"""How prompts condition the denoiser, for every family: tokenizing, then encoding as the family says.
 
 Sampling and training share these functions, so the text a model is trained on and the text it is
 prompted with go through the same code:
@@ -6,11 +6,10 @@ prompted with go through the same code:
 * :func:`expand_prompt` replaces each multi-vector pseudo-word by its sub-tokens (``<w>`` ->
   ``<w> <w>_1 <w>_2``, diffusers' ``maybe_convert_prompt`` convention; ``pipe.expansions``);
 * :func:`tokenize` gives the token ids for each text encoder (SDXL: both tokenizers);
-* :func:`encode_ids` runs the text encoders (with gradients when the caller allows them): SD 1.x/2.x use
-  the last hidden state; SDXL concatenates both encoders' penultimate hidden states and takes the pooled
-  (projected) embedding of the second, as diffusers' ``StableDiffusionXLPipeline.encode_prompt`` does;
-* :func:`added_cond` builds SDXL's ``added_cond_kwargs``: the pooled text and the six time ids
-  (original size, crop top-left, target size), here the square image size, no crop.
+* :func:`encode_ids` runs the text encoders (with gradients when the caller allows them) as the pipe's
+  family does (:meth:`caspec.families.base.Family.encode`: SD 1.x/2.x the last hidden state, SDXL both
+  encoders and a pooled embedding);
+* :func:`added_cond` gives the family's extra conditioning (SDXL's pooled text and time ids).
 
 :class:`TextCond` carries the hidden states and (SDXL) the pooled embedding through batching.
 """
@@ -95,38 +94,14 @@ def tokenize(pipe: Any, texts: Sequence[str]) -> list[tuple[torch.Tensor, torch.
 
 
 def encode_ids(pipe: Any, ids: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> TextCond:
-    """Run the text encoders on :func:`tokenize`'s output (gradients follow the caller's grad mode)."""
-    device = pipe.device
-    if pipe.family != "sdxl":
-        input_ids, mask = ids[0]
-        out = pipe.text_encoder(input_ids.to(device), attention_mask=None if mask is None else mask.to(device))[0]
-        return TextCond(out.to(dtype=pipe.dtype))
-    hidden, pooled = [], None
-    for (_, _, te), (input_ids, _mask) in zip(pipe.text_encoders, ids):
-        out = te(input_ids.to(device), output_hidden_states=True)
-        if out[0].ndim == 2:  # CLIPTextModelWithProjection: the projected pooled embedding
-            pooled = out[0]
-        hidden.append(out.hidden_states[-2])
-    if pooled is None:
-        raise ValueError("the SDXL model's second text encoder gives no pooled (projected) embedding")
-    dtype = pipe.text_encoder_2.dtype
-    return TextCond(torch.cat(hidden, dim=-1).to(dtype=dtype), pooled.to(dtype=dtype))
-
-
-def time_ids(resolution: int, n: int, *, dtype: Any, device: Any) -> torch.Tensor:
-    """SDXL's added time ids ``[n, 6]``: original size, crop top-left (0, 0), target size."""
-    row = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=dtype, device=device)
-    return row.repeat(n, 1)
+    """Run the text encoders on :func:`tokenize`'s output, as the pipe's family does (gradients follow the
+    caller's grad mode)."""
+    return pipe.kind.encode(pipe, ids)
 
 
 def added_cond(pipe: Any, cond: TextCond, resolution: int) -> dict[str, torch.Tensor] | None:
-    """The UNet's ``added_cond_kwargs`` for SDXL (None for other families)."""
-    if pipe.family != "sdxl":
-        return None
-    if cond.pooled is None:
-        raise ValueError("SDXL conditioning needs the pooled text embedding")
-    return {"text_embeds": cond.pooled.to(pipe.device),
-            "time_ids": time_ids(resolution, len(cond), dtype=cond.embeds.dtype, device=pipe.device)}
+    """The denoiser's extra conditioning for ``cond`` (SDXL's ``added_cond_kwargs``; None for other families)."""
+    return pipe.kind.added_cond(pipe, cond, resolution)
 
 
-__all__ = ["TextCond", "sub_tokens", "expand_text", "expand_prompt", "tokenize", "encode_ids", "time_ids", "added_cond"]
+__all__ = ["TextCond", "sub_tokens", "expand_text", "expand_prompt", "tokenize", "encode_ids", "added_cond"]

@@ -114,7 +114,7 @@ class TinyModel:
     """One embedded random-weight model: its name, family and component configs."""
 
     name: str
-    family: str  # sd1 | sd2 | sdxl (see caspec.models.family)
+    family: str  # sd1 | sd2 | sdxl (see caspec.families)
     version: int
     unet: dict[str, Any]
     text_encoder: dict[str, Any]

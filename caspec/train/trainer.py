@@ -50,8 +50,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..assets import format as fmt
-from ..assets.kohya_sdxl import unet_layout
-from ..models.text import added_cond, encode_ids
+from ..models.text import encode_ids
 from ..ops.seeds import derive_seed
 from .config import NON_NUMERIC_SETTINGS, PseudoWord, TrainConfig, keyed_settings
 
@@ -140,7 +139,7 @@ def _check_inputs(pipe: Any, words: list[PseudoWord], items: list[tuple[Image.Im
     if cfg.mixed_precision == "fp16" and pipe.device.type != "cuda":
         raise ValueError("mixed_precision fp16 needs a CUDA device; on the CPU use `no` or `bf16`")
     if cfg.phase2_steps > 0:
-        fmt.check_targets(pipe.unet, cfg.unet_targets, "the UNet")
+        fmt.check_targets(pipe.denoiser, cfg.unet_targets, f"the {pipe.kind.denoiser}")
         for comp, _, te in pipe.text_encoders:
             fmt.check_targets(te, cfg.text_targets, f"the {comp.replace('_', ' ')}")
     _check_lengths(pipe, words, [c for _, c in items], preview_prompts)
@@ -215,7 +214,7 @@ class _Trainer:
 
     def _setup_model(self) -> None:
         pipe, cfg = self.pipe, self.cfg
-        for module in (*(te for _, _, te in pipe.text_encoders), pipe.unet, pipe.vae):
+        for module in (*(te for _, _, te in pipe.text_encoders), pipe.denoiser, pipe.vae):
             module.requires_grad_(False)
         self.tokens = [w.token for w in self.words]
         vectors = {w.token: w.vectors for w in self.words}
@@ -252,13 +251,7 @@ class _Trainer:
                 raise ValueError(f"pseudo-word {w.token} is lost when the captions are tokenized "
                                  f"(the token glued to other text?)")
 
-        from diffusers import DDPMScheduler
-
-        self.noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.num_train_timesteps = int(self.noise_sched.config.num_train_timesteps)
-        self.prediction_type = self.noise_sched.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"unsupported prediction_type {self.prediction_type!r} (epsilon or v_prediction)")
+        self.schedule = pipe.kind.training_schedule(pipe)
 
         self.latent_cache: dict[tuple[int, bool], torch.Tensor] = {}
         if cfg.cache_latents:
@@ -266,7 +259,7 @@ class _Trainer:
                 self._latent(k, False)
 
         if cfg.gradient_checkpointing:
-            pipe.unet.enable_gradient_checkpointing()
+            pipe.denoiser.enable_gradient_checkpointing()
             enable = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
             enable()
 
@@ -311,7 +304,7 @@ class _Trainer:
     def _inject_lora(self) -> None:
         cfg = self.cfg
         for comp, module in self.pipe.lora_modules:
-            targets = cfg.unet_targets if comp == "unet" else cfg.text_targets
+            targets = cfg.unet_targets if comp == self.pipe.kind.denoiser else cfg.text_targets
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(cfg.seed, "lora-init", comp))
                 fmt.inject_lora(module, fmt.lora_config(cfg.lora_rank, cfg.lora_alpha, targets), self.adapter,
@@ -336,7 +329,7 @@ class _Trainer:
         if phase == 2 and not cfg.phase2_embeddings:
             groups = []
         if phase == 2:
-            unet_p = self._lora_params(self.pipe.unet)
+            unet_p = self._lora_params(self.pipe.denoiser)
             text_p = [p for _, _, te in self.pipe.text_encoders for p in self._lora_params(te)]
             if not unet_p or not text_p:
                 raise RuntimeError("LoRA injection produced no trainable parameters")
@@ -371,22 +364,16 @@ class _Trainer:
             flips = (torch.rand(bs, generator=g) < 0.5).tolist() if cfg.flip else [False] * bs
             z0 = torch.cat([self._latent(k, f) for k, f in zip(idx, flips)]).to(self.device, torch.float32)
             noise = torch.randn(z0.shape, generator=g, dtype=torch.float32).to(self.device)
-            t = self._timesteps(bs, g).to(self.device)
-            z_t = self.noise_sched.add_noise(z0, noise, t)
-            target = noise if self.prediction_type == "epsilon" else self.noise_sched.get_velocity(z0, noise, t)
+            t = self.schedule.timesteps(bs, g, self.cfg.timestep_sampling).to(self.device)
+            z_t, target = self.schedule.noisy(z0, noise, t)
             ids = [(i[idx], None if m is None else m[idx]) for i, m in self.caption_ids]
             with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                 enabled=self.autocast_dtype is not None):
                 cond = encode_ids(pipe, ids).to(pipe.dtype)
-                pred = pipe.unet(z_t.to(pipe.dtype), t, encoder_hidden_states=cond.embeds,
-                                 added_cond_kwargs=added_cond(pipe, cond, self.resolution), return_dict=False)[0]
-            per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-            if cfg.min_snr_gamma is not None:
-                from diffusers.training_utils import compute_snr
-
-                snr = compute_snr(self.noise_sched, t)
-                clipped = torch.clamp(snr, max=cfg.min_snr_gamma)
-                weights = clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1)
+                pred = pipe.kind.predict(pipe, z_t, t, cond, self.resolution)
+            per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+            weights = self.schedule.loss_weights(t, cfg.min_snr_gamma)
+            if weights is not None:
                 per = per * weights
             loss = per.mean()
             scaled = loss / ga
@@ -403,14 +390,6 @@ class _Trainer:
         for param in self.new_embs.values():
             param.grad = None  # not in the optimizer when phase 2 trains LoRA only
         return total / ga
-
-    def _timesteps(self, bs: int, g: torch.Generator) -> torch.Tensor:
-        """``bs`` training timesteps drawn as ``cfg.timestep_sampling`` says (see :class:`TrainConfig`)."""
-        n = self.num_train_timesteps
-        if self.cfg.timestep_sampling == "uniform":
-            return torch.randint(0, n, (bs,), generator=g)
-        u = torch.rand(bs, generator=g, dtype=torch.float64)
-        return ((1.0 - u ** 3) * n).long().clamp(0, n - 1)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -494,7 +473,7 @@ class _Trainer:
         folder = self.out_dir / fmt.PREVIEWS_DIR
         folder.mkdir(parents=True, exist_ok=True)
         seeds = [derive_seed(self.cfg.seed, "preview", i) for i in range(len(self.preview_prompts))]
-        was_training = self.pipe.unet.training
+        was_training = self.pipe.denoiser.training
         self._set_train(False)
         try:
             with torch.random.fork_rng(devices=[]):
@@ -611,7 +590,7 @@ class _Trainer:
                     weight[torch.tensor(self.new_ids[comp], device=weight.device)] = \
                         self.new_embs[comp].detach().to(weight.device, weight.dtype)
         if self.cfg.gradient_checkpointing:
-            self.pipe.unet.disable_gradient_checkpointing()
+            self.pipe.denoiser.disable_gradient_checkpointing()
             disable = (getattr(self.pipe.text_encoder, "activation_checkpointing_disable", None)
                        or self.pipe.text_encoder.gradient_checkpointing_disable)
             disable()
@@ -634,7 +613,7 @@ class _Trainer:
         lora: dict[str, dict[str, torch.Tensor]] = {}
         if self.lora_on:
             lora = {comp: fmt.lora_state_dict(m, self.adapter) for comp, m in self.pipe.lora_modules}
-        targets = {comp: (self.cfg.unet_targets if comp == "unet" else self.cfg.text_targets)
+        targets = {comp: (self.cfg.unet_targets if comp == self.pipe.kind.denoiser else self.cfg.text_targets)
                    for comp, _ in self.pipe.lora_modules}
         fmt.save_asset(
             self.out_dir,
@@ -647,8 +626,8 @@ class _Trainer:
             lora_rank=self.cfg.lora_rank,
             lora_alpha=self.cfg.lora_alpha,
             targets=targets,
-            family=getattr(self.pipe, "family", "sd1"),
-            unet_layout=unet_layout(self.pipe.unet.config) if getattr(self.pipe, "family", "") == "sdxl" else None,
+            family=self.pipe.family,
+            unet_layout=self.pipe.kind.asset_layout(self.pipe),
         )
         fmt.write_loss_log(self.out_dir, self.log_records)
 

@@ -1,4 +1,13 @@
-"""Kohya SDXL LoRA names: diffusers' SDXL UNet module paths <-> the SGM ("original") layout kohya's sd-scripts use.
+"""The SDXL family: two CLIP text encoders, pooled text and time ids, and kohya's SGM LoRA names.
+
+:data:`SDXL` (a :class:`~caspec.families.base.Family`) is ``StableDiffusionXLPipeline``'s layout:
+``text_encoder`` (CLIP ViT-L) and ``text_encoder_2`` (OpenCLIP ViT-bigG, with a projection), a UNet with the
+``text_time`` added embedding. Prompts condition with both encoders' penultimate hidden states concatenated,
+the pooled (projected) output of the second, and six time ids (original size, crop (0, 0), target size), as
+diffusers' ``StableDiffusionXLPipeline.encode_prompt`` does; an empty negative prompt is zeros where the model
+says ``force_zeros_for_empty_prompt``. Embedding files key the encoders ``clip_l`` / ``clip_g``.
+
+Kohya SDXL LoRA names: diffusers' SDXL UNet module paths <-> the SGM ("original") layout kohya's sd-scripts use.
 
 kohya's sd-scripts train SDXL on Stability's SGM UNet (``input_blocks`` / ``middle_block`` / ``output_blocks``),
 so SDXL LoRA files (read by A1111, ComfyUI and diffusers) name UNet layers by their SGM path, dots as
@@ -33,17 +42,20 @@ of that converter, outside SDXL's layout: it needs an integer ``layers_per_block
 indices of 10 or more (e.g. four down blocks) trips its substring matching (``input_blocks_1`` also matches
 ``input_blocks_10``); SDXL's indices stop at 8.
 
-Pure functions; torch and diffusers are not imported.
+The name mapping is pure; torch and diffusers are imported only where weights are loaded or converted.
 """
 from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Mapping, NamedTuple
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+from .base import TEXT_MODEL, UNetFamily, converted_module, pair_dict
 
 KOHYA_SDXL_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 """Kohya name prefix per SDXL pipeline component."""
-TEXT_MODEL = "text_model."
+
 
 DOWN_TYPES = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}  # block type -> has attentions
 UP_TYPES = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
@@ -252,5 +264,103 @@ def unet_layout(unet_config: Any) -> dict[str, Any]:
     return out
 
 
-__all__ = ["KOHYA_SDXL_PREFIX", "SDXL_BASE_LAYOUT", "unet_layout", "diffusers_to_sgm", "sgm_to_diffusers",
-           "kohya_sdxl_name"]
+
+# ---------------------------------------------------------------------------------------------
+# the family
+
+
+class SDXLFamily(UNetFamily):
+    name = "sdxl"
+    title = "SDXL"
+    text_encoders = ("text_encoder", "text_encoder_2")
+    weights = (("text_encoder", "transformers"), ("text_encoder_2", "transformers"), ("unet", "diffusers"),
+               ("vae", "diffusers"))
+    embedding_keys = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+    kohya_prefix = KOHYA_SDXL_PREFIX
+    kohya_base_version = "sdxl_base_v1-0"
+    default_layout = SDXL_BASE_LAYOUT
+
+    def claims(self, folder: Path, index: Mapping[str, Any]) -> bool:
+        return (folder / "text_encoder_2").is_dir() or "text_encoder_2" in index or "XL" in str(
+            index.get("_class_name", ""))
+
+    def load_text_encoders(self, folder: Path, dtype: Any, part: Callable[[str], None]) -> dict[str, Any]:
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        out = super().load_text_encoders(folder, dtype, part)
+        part("tokenizer_2")
+        out["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True)
+        part("text_encoder_2")
+        out["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+            folder / "text_encoder_2", local_files_only=True, dtype=dtype, variant=self._variant(folder / "text_encoder_2"))
+        return out
+
+    def empty_negative_is_zeros(self, index: Mapping[str, Any]) -> bool:
+        return bool(index.get("force_zeros_for_empty_prompt", True))
+
+    def encode(self, pipe: Any, ids: Sequence[tuple[Any, Any]]) -> Any:
+        """Both encoders' penultimate hidden states, concatenated, and the second's pooled projection."""
+        import torch
+
+        from ..models.text import TextCond
+
+        hidden, pooled = [], None
+        for (_, _, te), (input_ids, _mask) in zip(pipe.text_encoders, ids):
+            out = te(input_ids.to(pipe.device), output_hidden_states=True)
+            if out[0].ndim == 2:  # CLIPTextModelWithProjection: the projected pooled embedding
+                pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+        if pooled is None:
+            raise ValueError("the SDXL model's second text encoder gives no pooled (projected) embedding")
+        dtype = pipe.text_encoder_2.dtype
+        return TextCond(torch.cat(hidden, dim=-1).to(dtype=dtype), pooled.to(dtype=dtype))
+
+    def added_cond(self, pipe: Any, cond: Any, resolution: int) -> dict[str, Any]:
+        """``added_cond_kwargs``: the pooled text and the six time ids (square image, no crop)."""
+        if cond.pooled is None:
+            raise ValueError("SDXL conditioning needs the pooled text embedding")
+        return {"text_embeds": cond.pooled.to(pipe.device),
+                "time_ids": time_ids(resolution, len(cond), dtype=cond.embeds.dtype, device=pipe.device)}
+
+    def asset_layout(self, pipe: Any) -> dict[str, Any]:
+        return unet_layout(pipe.unet.config)
+
+    def kohya_name(self, component: str, module: str, layout: Mapping[str, Any] | None = None) -> str:
+        return kohya_sdxl_name(component, module, layout or SDXL_BASE_LAYOUT)
+
+    def lora_saver(self) -> Any:
+        from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+
+        return StableDiffusionXLLoraLoaderMixin
+
+    def kohya_modules(self, names: Mapping[str, Mapping[str, Any]], layout: Mapping[str, Any] | None) -> dict[str, str]:
+        """Through diffusers' own SDXL converter; the UNet's SGM names need its block layout (the exporter's
+        ``unet_layout``, else SDXL base 1.0's)."""
+        from types import SimpleNamespace
+
+        from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+
+        config = SimpleNamespace(**(layout or SDXL_BASE_LAYOUT))
+        return {name: converted_module(StableDiffusionXLLoraLoaderMixin.lora_state_dict(
+            pair_dict(name, parts), unet_config=config)[0], name) for name, parts in names.items()}
+
+    def claims_lora_names(self, names: Sequence[str]) -> bool:
+        return any(n.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) or "input_blocks_" in n or "output_blocks_" in n
+                   or "middle_block_" in n for n in names)
+
+    def claims_embedding(self, widths: Mapping[str, int]) -> bool:
+        return "text_encoder_2" in widths
+
+
+def time_ids(resolution: int, n: int, *, dtype: Any, device: Any) -> Any:
+    """SDXL's added time ids ``[n, 6]``: original size, crop top-left (0, 0), target size."""
+    import torch
+
+    row = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=dtype, device=device)
+    return row.repeat(n, 1)
+
+
+SDXL = SDXLFamily()
+
+__all__ = ["SDXL", "SDXLFamily", "KOHYA_SDXL_PREFIX", "SDXL_BASE_LAYOUT", "unet_layout", "diffusers_to_sgm",
+           "sgm_to_diffusers", "kohya_sdxl_name", "time_ids"]

@@ -1,0 +1,289 @@
+"""The interface every model family implements, and what the UNet families (SD 1.x, SD 2.x, SDXL) share.
+
+A :class:`Family` knows everything about a model layout that the rest of caspec must not guess:
+
+* its components and how a folder of them is recognised (:meth:`Family.claims`) and loaded
+  (:meth:`Family.load_parts`), and which files of a folder decide its identity (:attr:`Family.weights`);
+* prompt encoding (:meth:`Family.encode`, :meth:`Family.added_cond`) for sampling and training alike;
+* the noise schedule and the training target (:meth:`Family.training_schedule`, :meth:`Family.predict`);
+* the default LoRA targets (:attr:`Family.default_targets`);
+* export and import key naming (:attr:`Family.embedding_keys`, :meth:`Family.kohya_name`,
+  :meth:`Family.lora_saver`, :meth:`Family.kohya_modules`, :attr:`Family.kohya_base_version`).
+
+Code elsewhere asks the family (``caspec.families.get(name)``); it never tests a family's name.
+This module imports no torch at import time: planning reads families too.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+TEXT_MODEL = "text_model."  # CLIPTextModel's inner module (flattened away by recent transformers)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object read from ``path``, or ``{}`` when it is missing or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def with_text_model(module: str) -> str:
+    """A CLIP text-encoder module path with its ``text_model.`` prefix (the layout other tools expect)."""
+    return module if module.startswith(TEXT_MODEL) else TEXT_MODEL + module
+
+
+class Family:
+    """One model family. Subclasses set the attributes and override what differs."""
+
+    name: str = ""
+    title: str = ""
+    denoiser: str = "unet"
+    """The pipeline component that denoises (``unet``, or ``transformer`` for DiT models)."""
+    text_encoders: tuple[str, ...] = ("text_encoder",)
+    """Text-encoder components, in the order their outputs are used (concatenated, for SDXL)."""
+    tokenizers: Mapping[str, str] = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+    weights: tuple[tuple[str, str], ...] = (("text_encoder", "transformers"), ("unet", "diffusers"),
+                                            ("vae", "diffusers"))
+    """``(component, library)`` whose weight files a folder's identity hashes (the library picks the file rules)."""
+    embedding_keys: Mapping[str, str] | None = None
+    """Per text encoder, the key of its vectors in other tools' embedding files (``clip_l``, ...), or None
+    when a file holds one encoder's vectors under a single key."""
+    default_targets: Mapping[str, tuple[str, ...]] = {"unet": ("to_q", "to_k", "to_v", "to_out.0"),
+                                                      "text": ("q_proj", "k_proj", "v_proj", "out_proj")}
+    kohya_prefix: Mapping[str, str] = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    kohya_base_version: str = "sd_v1"
+    default_layout: Mapping[str, Any] | None = None
+    """The denoiser layout assumed for imported files that do not record one (see :meth:`asset_layout`)."""
+
+    # ------------------------------------------------------------------ components
+
+    @property
+    def folders(self) -> list[str]:
+        """The component folders a model of this family loads from."""
+        return ([self.tokenizers[c] for c in self.text_encoders] + list(self.text_encoders)
+                + [self.denoiser, "vae", "scheduler"])
+
+    @property
+    def lora_components(self) -> tuple[str, ...]:
+        """Components LoRA can adapt, in asset-file order: the text encoders, then the denoiser."""
+        return (*self.text_encoders, self.denoiser)
+
+    def claims(self, folder: Path, index: Mapping[str, Any]) -> bool:
+        """Whether a diffusers folder (with its ``model_index.json`` as ``index``) is of this family."""
+        raise NotImplementedError
+
+    def load_parts(self, folder: Path, dtype: Any, part: Callable[[str], None]) -> dict[str, Any]:
+        """Load the components of ``folder`` (``part(name)`` is called before each, for error messages)."""
+        raise NotImplementedError
+
+    def native_resolution(self, folder: Path) -> int:
+        """The model's native square image size from its configs (no weights)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ prompts
+
+    def encode(self, pipe: Any, ids: Sequence[tuple[Any, Any]]) -> Any:
+        """Run the text encoders on :func:`caspec.models.text.tokenize`'s output into a ``TextCond``."""
+        raise NotImplementedError
+
+    def added_cond(self, pipe: Any, cond: Any, resolution: int) -> dict[str, Any] | None:
+        """Extra conditioning the denoiser takes beside the hidden states (None: none)."""
+        return None
+
+    def empty_negative_is_zeros(self, index: Mapping[str, Any]) -> bool:
+        """Whether an empty negative prompt conditions as zeros (SDXL's ``force_zeros_for_empty_prompt``)."""
+        return False
+
+    # ------------------------------------------------------------------ training
+
+    def training_schedule(self, pipe: Any) -> Any:
+        """The noise schedule training draws from (see :class:`DiffusionSchedule`)."""
+        raise NotImplementedError
+
+    def predict(self, pipe: Any, z_t: Any, t: Any, cond: Any, resolution: int) -> Any:
+        """The denoiser's prediction for noisy latents ``z_t`` at timesteps ``t`` (training forward)."""
+        raise NotImplementedError
+
+    def asset_layout(self, pipe: Any) -> dict[str, Any] | None:
+        """What an asset records about the denoiser's layout so that its export names stay right."""
+        return None
+
+    # ------------------------------------------------------------------ export and import names
+
+    def kohya_name(self, component: str, module: str, layout: Mapping[str, Any] | None = None) -> str:
+        """The kohya LoRA layer name of ``component``'s ``module``."""
+        if component not in self.kohya_prefix:
+            raise ValueError(f"component {component!r} has no kohya name in the {self.title} family")
+        path = with_text_model(module) if component != self.denoiser else module
+        return self.kohya_prefix[component] + path.replace(".", "_")
+
+    def lora_saver(self) -> Any:
+        """diffusers' loader mixin whose ``save_lora_weights`` packs this family's LoRA files."""
+        raise NotImplementedError
+
+    def kohya_modules(self, names: Mapping[str, Mapping[str, Any]], layout: Mapping[str, Any] | None) -> dict[str, str]:
+        """kohya layer name -> ``component:module path`` for the layers ``names`` (name -> its tensors)."""
+        raise NotImplementedError
+
+    def claims_lora_names(self, names: Sequence[str]) -> bool:
+        """Whether kohya layer ``names`` can only come from this family (import without a caspec header)."""
+        return False
+
+    def claims_embedding(self, widths: Mapping[str, int]) -> bool:
+        """Whether header-less embeddings with these widths per text encoder belong to this family."""
+        return False
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
+
+
+# ---------------------------------------------------------------------------------------------
+# the UNet families
+
+
+class DiffusionSchedule:
+    """Training noise for UNet families: DDPM's ``add_noise``, the ε or v target, min-SNR weights.
+
+    Built from the model's scheduler config, so a model's own betas and prediction type are used."""
+
+    def __init__(self, scheduler_config: Any) -> None:
+        from diffusers import DDPMScheduler
+
+        self.sched = DDPMScheduler.from_config(scheduler_config)
+        self.num_train_timesteps = int(self.sched.config.num_train_timesteps)
+        self.prediction_type = self.sched.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r} (epsilon or v_prediction)")
+
+    def timesteps(self, n: int, g: Any, sampling: str) -> Any:
+        """``n`` training timesteps: uniform, or ``cubic`` (``t = (1 - u³) T``: more high-noise steps)."""
+        import torch
+
+        T = self.num_train_timesteps
+        if sampling == "uniform":
+            return torch.randint(0, T, (n,), generator=g)
+        u = torch.rand(n, generator=g, dtype=torch.float64)
+        return ((1.0 - u ** 3) * T).long().clamp(0, T - 1)
+
+    def noisy(self, z0: Any, noise: Any, t: Any) -> tuple[Any, Any]:
+        """``(z_t, target)`` for clean latents ``z0``."""
+        z_t = self.sched.add_noise(z0, noise, t)
+        target = noise if self.prediction_type == "epsilon" else self.sched.get_velocity(z0, noise, t)
+        return z_t, target
+
+    def loss_weights(self, t: Any, min_snr_gamma: float | None) -> Any:
+        """Per-sample loss weights (min-SNR-γ), or None."""
+        if min_snr_gamma is None:
+            return None
+        import torch
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(self.sched, t)
+        clipped = torch.clamp(snr, max=min_snr_gamma)
+        return clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1)
+
+
+class UNetFamily(Family):
+    """What SD 1.x, SD 2.x and SDXL share: a ``UNet2DConditionModel``, a KL VAE, CLIP text encoders, DDIM."""
+
+    def _variant(self, sub: Path) -> str | None:
+        from ..models.load import weight_variant
+
+        return weight_variant(sub)
+
+    def load_parts(self, folder: Path, dtype: Any, part: Callable[[str], None]) -> dict[str, Any]:
+        import torch
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+        parts = self.load_text_encoders(folder, dtype, part)
+        part("unet")
+        parts["unet"] = UNet2DConditionModel.from_pretrained(
+            folder, subfolder="unet", local_files_only=True, torch_dtype=dtype, variant=self._variant(folder / "unet"))
+        part("vae")
+        parts["vae"] = AutoencoderKL.from_pretrained(
+            folder, subfolder="vae", local_files_only=True, torch_dtype=torch.float32,
+            variant=self._variant(folder / "vae"))
+        part("scheduler")
+        parts["scheduler"] = DDIMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+        return parts
+
+    def load_text_encoders(self, folder: Path, dtype: Any, part: Callable[[str], None]) -> dict[str, Any]:
+        """The CLIP tokenizer(s) and text encoder(s), by component name."""
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        part("tokenizer")
+        out = {"tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)}
+        part("text_encoder")
+        out["text_encoder"] = CLIPTextModel.from_pretrained(
+            folder / "text_encoder", local_files_only=True, dtype=dtype, variant=self._variant(folder / "text_encoder"))
+        return out
+
+    def native_resolution(self, folder: Path) -> int:
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        size = unet["sample_size"]
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return int(size) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+    def encode(self, pipe: Any, ids: Sequence[tuple[Any, Any]]) -> Any:
+        """The last hidden state of the one CLIP text encoder."""
+        from ..models.text import TextCond
+
+        input_ids, mask = ids[0]
+        device = pipe.device
+        out = pipe.text_encoder(input_ids.to(device), attention_mask=None if mask is None else mask.to(device))[0]
+        return TextCond(out.to(dtype=pipe.dtype))
+
+    def training_schedule(self, pipe: Any) -> DiffusionSchedule:
+        return DiffusionSchedule(pipe.scheduler.config)
+
+    def predict(self, pipe: Any, z_t: Any, t: Any, cond: Any, resolution: int) -> Any:
+        return pipe.unet(z_t.to(pipe.dtype), t, encoder_hidden_states=cond.embeds,
+                         added_cond_kwargs=self.added_cond(pipe, cond, resolution), return_dict=False)[0]
+
+    def lora_saver(self) -> Any:
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+        return StableDiffusionLoraLoaderMixin
+
+    def kohya_modules(self, names: Mapping[str, Mapping[str, Any]], layout: Mapping[str, Any] | None) -> dict[str, str]:
+        """Through diffusers' own SD converter (``StableDiffusionLoraLoaderMixin.lora_state_dict``)."""
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+        return {name: converted_module(StableDiffusionLoraLoaderMixin.lora_state_dict(pair_dict(name, parts))[0],
+                                       name)
+                for name, parts in names.items()}
+
+
+def pair_dict(name: str, parts: Mapping[str, Any]) -> dict[str, Any]:
+    """One kohya layer's ``lora_down`` / ``lora_up`` as a state dict for diffusers' converters."""
+    return {f"{name}.lora_down.weight": parts["lora_down.weight"], f"{name}.lora_up.weight": parts["lora_up.weight"]}
+
+
+def converted_module(converted: Mapping[str, Any], name: str = "") -> str:
+    """``component:peft module path`` of one layer as diffusers' ``lora_state_dict`` returns it."""
+    from diffusers.utils.state_dict_utils import (StateDictType, convert_state_dict_to_diffusers,
+                                                  convert_state_dict_to_peft, convert_unet_state_dict_to_peft)
+
+    comps = {k.split(".", 1)[0] for k in converted}
+    if len(comps) != 1:
+        raise ValueError(f"cannot map the kohya layer {name} to a module path (converted to {sorted(converted)})")
+    comp = comps.pop()
+    part = {k.removeprefix(f"{comp}."): v for k, v in converted.items()}
+    if comp in ("unet", "transformer"):
+        peft = convert_unet_state_dict_to_peft(part)
+    else:
+        peft = convert_state_dict_to_diffusers(part, original_type=StateDictType.DIFFUSERS_OLD)
+        peft = convert_state_dict_to_peft(peft, original_type=StateDictType.DIFFUSERS)
+    down = [k for k in peft if k.endswith(".lora_A.weight")]
+    if len(down) != 1 or len(peft) != 2:
+        raise ValueError(f"cannot map the kohya layer {name} to a module path (converted to {sorted(peft)})")
+    return f"{comp}:{down[0].removesuffix('.lora_A.weight')}"
+
+
+__all__ = ["Family", "UNetFamily", "DiffusionSchedule", "read_json", "with_text_model", "TEXT_MODEL",
+           "pair_dict", "converted_module"]
