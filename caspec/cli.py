@@ -222,7 +222,8 @@ def _print_plan(the_plan: Any) -> None:
     """The plan as a table. A key starting with `~` is provisional: it depends on outputs of upstream
     steps that run first (the WHY column says which)."""
     rows = [("STEP", "KIND", "KEY", "STATUS", "WHY")]
-    rows += [(n.id, n.kind, n.short_key, n.status, "; ".join(n.reasons + n.notes)) for n in the_plan.order()]
+    rows += [(n.id, n.kind, n.short_key, n.status, "; ".join(n.reasons + n.notes + n.fact_notes))
+             for n in the_plan.order()]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + ("  " + r[4] if r[4] else ""))

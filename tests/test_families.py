@@ -126,7 +126,8 @@ def test_unsupported_layouts_are_refused_by_name(tmp_path):
     sd3 = tmp_path / "sd3"
     (sd3 / "transformer").mkdir(parents=True)
     (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
-    with pytest.raises(ModelError, match="StableDiffusion3Pipeline.*SD 1.x, SD 2.x and SDXL"):
+    with pytest.raises(ModelError, match=r"SD 3\.x family \(StableDiffusion3Pipeline\), which is not supported yet.*"
+                                         r"SD 1.x, SD 2.x, SDXL and FLUX.1"):
         folder_family(sd3)
     refiner = tmp_path / "refiner"
     for sub in ("unet", "vae", "text_encoder_2", "tokenizer_2"):

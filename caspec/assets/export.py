@@ -71,7 +71,7 @@ from typing import Any, Mapping
 from ..fsutil import atomic_write_bytes
 from .. import families
 from ..families.base import TEXT_MODEL, with_text_model
-from .format import COMPONENTS, Asset, adapter_name_for, safetensors_bytes
+from .format import COMPONENTS, HEADER_COMPONENTS, Asset, adapter_name_for, safetensors_bytes
 
 FORMATS = ("diffusers", "a1111", "bundle")
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -134,7 +134,8 @@ def _asset_info(asset: Asset, fmt: str, words: Mapping[str, str]) -> dict[str, A
         "roles": {t: asset.roles.get(t, "") for t in asset.tokens},
         "init_words": {t: asset.init_words.get(t, "") for t in asset.tokens},
         "lora_rank": int(asset.lora_rank), "lora_alpha": float(asset.lora_alpha),
-        "targets": {c: list(asset.targets.get(c) or []) for c in COMPONENTS},
+        "targets": {c: list(asset.targets.get(c) or []) for c in COMPONENTS
+                    if c in HEADER_COMPONENTS or asset.targets.get(c)},
         "base_model": base.get("base") if isinstance(base, Mapping) else None,
     }
 
@@ -183,13 +184,17 @@ def _emb(asset: Asset, token: str, encoder: str = "text_encoder") -> Any:
     return _f32(asset.rows(token, encoder))
 
 
-def embedding_tensors(asset: Asset, token: str, single_key: str) -> dict[str, Any]:
+def embedding_tensors(asset: Asset, token: str, single_key: str, *, aliases: bool = False) -> dict[str, Any]:
     """One word's embedding file: ``{single_key: [n, d]}``, or one key per text encoder where the family names
-    them (SDXL's ``{"clip_l": ..., "clip_g": ...}``)."""
-    keys = families.get(asset.family).embedding_keys
-    if keys:
-        return {keys[enc]: _emb(asset, token, enc) for enc in asset.encoders}
-    return {single_key: _emb(asset, token)}
+    them (SDXL's ``{"clip_l": ..., "clip_g": ...}``, FLUX.1's ``{"clip_l": ..., "t5": ...}``); ``aliases`` adds the
+    other names tools read (ComfyUI's ``t5xxl``)."""
+    family = families.get(asset.family)
+    if not family.embedding_keys:
+        return {single_key: _emb(asset, token)}
+    out = {family.embedding_keys[enc]: _emb(asset, token, enc) for enc in asset.encoders}
+    if aliases:
+        out.update({key: _emb(asset, token, enc) for key, enc in family.embedding_file_keys.items() if key not in out})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,12 +253,15 @@ def diffusers_lora(asset: Asset, layers: Mapping[str, Mapping[str, tuple[Any, An
     for comp in COMPONENTS:
         if not layers.get(comp):
             continue
+        if comp not in family.diffusers_lora_components:
+            raise ValueError(f"asset {asset.name} has LoRA on {comp}, which diffusers' {family.title} loader cannot "
+                             "load: export it as `a1111` (kohya names) instead")
         peft_sd = {}
         for module, (a, b) in layers[comp].items():
             path = with_text_model(module) if comp != family.denoiser else module
             peft_sd[f"{path}.lora_A.weight"] = _f32(a)
             peft_sd[f"{path}.lora_B.weight"] = _f32(b)
-        kwargs[f"{comp}_lora_layers"] = _diffusers_names(peft_sd)
+        kwargs[f"{comp}_lora_layers"] = dict(peft_sd) if family.peft_names_in_diffusers_files else _diffusers_names(peft_sd)
         targets = list(asset.targets.get(comp) or [])
         if not targets:  # exact module paths; without `text_model.`, peft's suffix match then fits either layout
             targets = sorted(m.removeprefix(TEXT_MODEL) for m in layers[comp])
@@ -288,28 +296,17 @@ def _diffusers_names(peft_sd: dict[str, Any]) -> dict[str, Any]:
 
 
 def kohya_lora(asset: Asset, layers: Mapping[str, Mapping[str, tuple[Any, Any]]]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Kohya SD1.x LoRA tensors (``lora_down`` / ``lora_up`` / ``alpha``) and kohya header entries.
+    """Kohya LoRA tensors (``lora_down`` / ``lora_up`` / ``alpha``) and kohya header entries, named as the asset's
+    family names them (:meth:`caspec.families.base.Family.kohya_lora`; FLUX.1 fuses q/k/v, keeping each delta).
 
-    ``alpha`` is the asset's ``lora_alpha``, so ``alpha / rank`` is the scale training used.
-    Also returns ``modules``: kohya name -> ``component:module path`` (underscores make kohya names
-    ambiguous; the importer uses this map and falls back to diffusers' converters without it).
+    ``alpha`` is the asset's ``lora_alpha`` (times the parts of a fused layer), so ``alpha / rank`` is the scale
+    training used. Also returns ``modules``: kohya name -> ``component:module path[,...]`` (underscores make kohya
+    names ambiguous; the importer uses this map and falls back to diffusers' converters without it).
     """
-    import torch
-
-    tensors: dict[str, Any] = {}
-    modules: dict[str, str] = {}
-    for comp in COMPONENTS:
-        for module, (a, b) in sorted((layers.get(comp) or {}).items()):
-            name = kohya_name(comp, module, asset)
-            if name in modules:
-                raise ValueError(f"LoRA modules {modules[name]} and {comp}:{module} share the kohya name {name}")
-            modules[name] = f"{comp}:{module}"
-            tensors[f"{name}.lora_down.weight"] = _f32(a)
-            tensors[f"{name}.lora_up.weight"] = _f32(b)
-            tensors[f"{name}.alpha"] = torch.tensor(float(asset.lora_alpha), dtype=torch.float32)
-    header = {"ss_network_module": "networks.lora", "ss_network_dim": str(int(asset.lora_rank)),
-              "ss_network_alpha": repr(float(asset.lora_alpha)),
-              "ss_base_model_version": families.get(asset.family).kohya_base_version}
+    family = families.get(asset.family)
+    present = {comp: layer for comp, layer in layers.items() if layer}
+    tensors, modules = family.kohya_lora(present, int(asset.lora_rank), float(asset.lora_alpha), asset.unet_layout)
+    header = family.kohya_header(int(asset.lora_rank), float(asset.lora_alpha))
     return tensors, {**header, "modules": json.dumps(modules, sort_keys=True, separators=(",", ":"))}
 
 
@@ -333,7 +330,8 @@ def _export_a1111(asset: Asset, out: Path) -> list[Path]:
     words = _words(asset, {name} if asset.has_lora else set())
     written = []
     for tok in asset.tokens:
-        data = safetensors_bytes(embedding_tensors(asset, tok, "emb_params"), _meta(_token_info(asset, tok)))
+        data = safetensors_bytes(embedding_tensors(asset, tok, "emb_params", aliases=True),
+                                 _meta(_token_info(asset, tok)))
         written.append(atomic_write_bytes(out / f"{words[tok]}.safetensors", data))
     if asset.has_lora:
         written.append(atomic_write_bytes(out / f"{name}.safetensors", _kohya_file(asset, "a1111", words, bundle=False)))

@@ -43,8 +43,11 @@ PREVIEWS_DIR = "previews"
 FORMAT_NAME = "caspec-concept-asset"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = ("1", "2")
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet")  # LoRA key prefixes, in file order (text_encoder_2: SDXL)
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "transformer")
+"""LoRA key prefixes, in file order: every family's (``text_encoder_2``: SDXL, FLUX.1's T5; ``transformer``: FLUX.1)."""
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
+HEADER_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
+"""Components every export header lists targets for (others only when they have targets: headers keep their bytes)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +104,7 @@ class Asset:
     roles: dict[str, str]
     init_words: dict[str, str]
     embeddings: dict[str, Any]  # token -> tensor [d] or [n, d] (text_encoder)
-    lora: dict[str, dict[str, Any]]  # component ("unet" | "text_encoder" | "text_encoder_2") -> peft state dict
+    lora: dict[str, dict[str, Any]]  # component (see COMPONENTS) -> peft state dict
     lora_rank: int
     lora_alpha: float
     targets: dict[str, list[str]] = field(default_factory=dict)  # component -> target module names
@@ -198,7 +201,7 @@ def save_asset(
         "format_version": str(FORMAT_VERSION),
         "lora_rank": str(int(lora_rank)),
         "lora_alpha": repr(float(lora_alpha)),
-        "unet_targets": json.dumps(list(targets.get("unet", []))),
+        "unet_targets": json.dumps(list(targets.get("unet") or targets.get("transformer") or [])),  # the denoiser's
         "text_targets": json.dumps(list(targets.get("text_encoder", []))),
     }
     if lora.get("text_encoder_2"):
@@ -297,8 +300,8 @@ def load_asset(path: str | Path, *, name: str | None = None) -> Asset:
                              f"{sorted(tuple(t.shape) for t in table.values())}")
     emb = tables.get("text_encoder", {})
 
-    lora: dict[str, dict[str, Any]] = {c: {} for c in COMPONENTS}
-    rank, alpha, targets, layout = 0, 0.0, {c: [] for c in COMPONENTS}, {}
+    lora: dict[str, dict[str, Any]] = {c: {} for c in HEADER_COMPONENTS}  # others (FLUX.1's transformer) when present
+    rank, alpha, targets, layout = 0, 0.0, {c: [] for c in HEADER_COMPONENTS}, {}
     if lora_path.is_file():
         try:
             flat, lora_meta = _read_safetensors(lora_path)
@@ -306,13 +309,15 @@ def load_asset(path: str | Path, *, name: str | None = None) -> Asset:
             raise ValueError(f"cannot read {lora_path}: {type(exc).__name__}: {exc}") from None
         for key, value in flat.items():
             comp, _, rest = key.partition(".")
-            if comp not in lora or not rest:
+            if comp not in COMPONENTS or not rest:
                 raise ValueError(f"{lora_path}: key {key!r} does not start with one of {', '.join(COMPONENTS)}")
-            lora[comp][rest] = value
+            lora.setdefault(comp, {})[rest] = value
         try:
             rank = int(lora_meta.get("lora_rank", "0"))
             alpha = float(lora_meta.get("lora_alpha", "0"))
-            targets = {"unet": list(json.loads(lora_meta.get("unet_targets", "[]"))),
+            from ..families import get as family_of
+
+            targets = {family_of(family).denoiser: list(json.loads(lora_meta.get("unet_targets", "[]"))),
                        "text_encoder": list(json.loads(lora_meta.get("text_targets", "[]")))}
             if lora["text_encoder_2"]:
                 targets["text_encoder_2"] = list(json.loads(lora_meta.get("text_2_targets", "[]")))
@@ -565,5 +570,5 @@ def _targets_from_keys(state: Mapping[str, Any]) -> list[str]:
 __all__ = ["Asset", "EMBEDDINGS_FILE", "LORA_FILE", "CARD_FILE", "LOSS_FILE", "PREVIEWS_DIR", "COMPONENTS",
            "save_asset", "load_asset", "apply_asset", "write_card", "write_loss_log", "read_loss_log",
            "adapter_name_for", "safetensors_bytes", "add_new_tokens", "add_pseudo_words", "check_family",
-           "TEXT_COMPONENTS", "first_token_id", "lora_config", "check_targets", "inject_lora",
+           "TEXT_COMPONENTS", "HEADER_COMPONENTS", "first_token_id", "lora_config", "check_targets", "inject_lora",
            "set_lora_scale", "lora_state_dict", "load_lora_state", "atomic_write_bytes", "atomic_write_text"]

@@ -57,7 +57,7 @@ PICKLE_SUFFIXES = (".pt", ".bin")
 _KOHYA_STARTS = tuple(sorted({p for f in families.FAMILIES.values() for p in f.kohya_prefix.values()}))
 _KOHYA_LAYER = re.compile(r"^(?P<name>lora_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
 # embedding-file key -> text encoder, over every family that names its encoders (clip_l -> text_encoder, ...)
-_ENCODER_OF = {key: enc for f in families.FAMILIES.values() for enc, key in (f.embedding_keys or {}).items()}
+_ENCODER_OF = {key: enc for f in families.FAMILIES.values() for key, enc in f.embedding_file_keys.items()}
 _BUNDLE_KEY = re.compile(r"^bundle_emb\.(?P<word>.+?)\.(?P<part>string_to_param\.\*|"
                          + "|".join(map(re.escape, sorted(_ENCODER_OF))) + ")$")
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
@@ -125,13 +125,19 @@ def _read_file(path: Path, found: _Found) -> None:
     keys = list(tensors)
     if not keys:
         raise ValueError(f"{path} holds no tensors")
-    if all(k.startswith(_KOHYA_STARTS) or k.startswith(BUNDLE_PREFIX) for k in keys):
+    lora_keys = [k for k in keys if not k.startswith(BUNDLE_PREFIX) and ("lora" in k.lower() or k.endswith(".alpha"))]
+    own = _lora_family(info, lora_keys) if lora_keys else None
+    if own is not None and _read_family_lora(path, tensors, meta, info, found, own):
+        pass
+    elif all(k.startswith(_KOHYA_STARTS) or k.startswith(BUNDLE_PREFIX) for k in keys):
         _read_kohya(path, tensors, info, found)
     elif all(k.startswith(tuple(f"{c}." for c in COMPONENTS)) for k in keys):
         _read_diffusers_lora(path, tensors, meta, info, found)
-    elif set(keys) <= set(_ENCODER_OF) and "clip_l" in keys:  # per-encoder embedding (SDXL: A1111, diffusers)
-        found.embeddings.append((info.get("token") or path.stem, {_ENCODER_OF[k]: tensors[k] for k in keys}, info))
-        found.formats.append("sdxl-embedding")
+    elif set(keys) <= set(_ENCODER_OF) and "clip_l" in keys:  # per-encoder embedding (SDXL, FLUX.1)
+        found.embeddings.append((info.get("token") or path.stem, _per_encoder(path, tensors), info))
+        family = _embedding_family(keys)
+        found.family = found.family or (family.name if family else None)
+        found.formats.append(f"{family.name if family else 'sdxl'}-embedding")
     elif "emb_params" in tensors and len(keys) == 1:
         found.embeddings.append((path.stem, {"text_encoder": tensors["emb_params"]}, info))
         found.formats.append("a1111")
@@ -217,7 +223,7 @@ def _read_kohya(path: Path, tensors: Mapping[str, Any], info: dict[str, Any], fo
             m = _BUNDLE_KEY.match(key)
             if m is None:
                 raise ValueError(f"{path}: unknown bundled-embedding key {key!r}")
-            bundle.setdefault(m["word"], {})[_ENCODER_OF.get(m["part"], "text_encoder")] = value
+            bundle.setdefault(m["word"], {})[m["part"]] = value
             continue
         m = _KOHYA_LAYER.match(key)
         if m is None:
@@ -244,10 +250,67 @@ def _read_kohya(path: Path, tensors: Mapping[str, Any], info: dict[str, Any], fo
         comp, module = modules[name].split(":", 1)
         found.layers.append(_Layer(comp, module, a, b, alpha))
     for word, parts in bundle.items():
-        found.embeddings.append((word, parts, {}))
+        found.embeddings.append((word, _per_encoder(path, parts), {}))
     if groups or info:
         found.info = found.info or info
     found.formats.append("bundle" if bundle else "a1111")
+
+
+def _per_encoder(path: Path, parts: Mapping[str, Any]) -> dict[str, Any]:
+    """Embedding-file keys (``clip_l``, ``clip_g``, ``t5``, ComfyUI's ``t5xxl``, A1111's ``string_to_param.*``) ->
+    text encoder; aliases of one encoder must hold the same vectors."""
+    out: dict[str, Any] = {}
+    for key, value in parts.items():
+        enc = _ENCODER_OF.get(key, "text_encoder")
+        if enc in out and not (out[enc].shape == value.shape and bool((out[enc] == value).all())):
+            raise ValueError(f"{path}: embedding keys for the same text encoder ({enc}) hold different vectors")
+        out[enc] = value
+    return out
+
+
+def _embedding_family(keys: Any) -> Any:
+    """The family whose embedding-file keys these are, when a key tells (``clip_g``: SDXL, ``t5``: FLUX.1)."""
+    telling = set(keys) - {"clip_l"}
+    if not telling:
+        return None
+    return next((f for f in families.DETECTION_ORDER if f.embedding_keys and telling <= set(f.embedding_file_keys)),
+                None)
+
+
+def _read_family_lora(path: Path, tensors: Mapping[str, Any], meta: Mapping[str, str], info: dict[str, Any],
+                      found: _Found, family: Any) -> bool:
+    """A LoRA file (maybe with bundled embeddings) of a family that reads its own files (FLUX.1's naming styles);
+    False when the family leaves it to the kohya / diffusers readers."""
+    adapter: dict[str, Any] = {}
+    raw = meta.get("lora_adapter_metadata")
+    if raw:
+        try:
+            adapter = dict(json.loads(raw))
+        except ValueError:
+            raise ValueError(f"{path}: unreadable lora_adapter_metadata header entry") from None
+    default_alpha = {k.removesuffix(".lora_alpha"): float(v) for k, v in adapter.items() if k.endswith(".lora_alpha")}
+    lora = {k: v for k, v in tensors.items() if not k.startswith(BUNDLE_PREFIX)}
+    try:
+        layers = family.lora_layers(lora, default_alpha)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    if layers is None:
+        return False
+    found.family = family.name
+    found.layers += [_Layer(comp, module, a, b, alpha) for comp, module, a, b, alpha in layers]
+    bundle: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith(BUNDLE_PREFIX):
+            m = _BUNDLE_KEY.match(key)
+            if m is None:
+                raise ValueError(f"{path}: unknown bundled-embedding key {key!r}")
+            bundle.setdefault(m["word"], {})[m["part"]] = value
+    for word, parts in bundle.items():
+        found.embeddings.append((word, _per_encoder(path, parts), {}))
+    found.info = found.info or info
+    found.formats.append("bundle" if bundle else "kohya" if any(k.startswith("lora_unet_") for k in lora)
+                         else "diffusers")
+    return True
 
 
 def _lora_family(info: Mapping[str, Any], names: Any) -> Any:

@@ -196,7 +196,7 @@ class _Runner:
             if record is not None:
                 self._completed(node, record, False, start)
                 return
-        job = StepJob(node=node, loaded=self.loaded, model_identity=self.plan.model_identity,
+        job = StepJob(node=node, loaded=self.loaded, model_identity=node.model_identity or self.plan.model_identity,
                       upstream_keys={role: self.records[sid].key for role, sid in node.upstream.items()},
                       compute=self.plan.compute.for_node(node) if self.plan.compute is not None else None,
                       forced=node.id in self.force,

@@ -159,7 +159,7 @@ _IDENTITIES: dict[tuple[str, str], Any] = {}  # per process: (model spec, spec d
 def check_here(job: StepJob) -> None:
     """Refuse to run a step on a machine whose model, or device, is not the one its key promises."""
     loaded, node = job.loaded, job.node
-    model = loaded.spec.model
+    model = node.model or loaded.spec.model
     if node.op.USES_MODEL and job.model_identity is not None:
         from ..models.load import identity_differences, model_identity
 
@@ -206,7 +206,7 @@ def _context(job: StepJob, store: Any, staged: Path, upstream: dict[str, Any], p
                      source_out_dir=job.source_out_dir or out_dir_for(loaded, source_id))
     kwargs = {"progress": progress} if progress is not None else {}
     return RunContext(step_id=node.id, spec_name=loaded.name, key=node.key, params=node.params,
-                      out_dir=staged, spec_dir=loaded.dir, model=loaded.spec.model,
+                      out_dir=staged, spec_dir=loaded.dir, model=node.model or loaded.spec.model,
                       upstream=upstream, inputs=dict(node.inputs), extra=extra, **kwargs)
 
 

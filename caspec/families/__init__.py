@@ -1,10 +1,11 @@
-"""Model families, one module each: what differs between SD 1.x, SD 2.x and SDXL lives in that family's module.
+"""Model families, one module each: what differs between SD 1.x, SD 2.x, SDXL and FLUX.1 lives in that family's module.
 
-* :func:`get` gives the :class:`~caspec.families.base.Family` of a name (``sd1``, ``sd2``, ``sdxl``), a pipe or
-  an asset (anything with a ``family`` attribute);
+* :func:`get` gives the :class:`~caspec.families.base.Family` of a name (``sd1``, ``sd2``, ``sdxl``, ``flux``), a
+  pipe or an asset (anything with a ``family`` attribute);
 * :func:`folder_family` reads a diffusers folder's family from its configs (pure: no weights, no torch), and
-  refuses layouts caspec does not run (SD 3.x, FLUX.2, Chroma, Qwen-Image, the SDXL refiner), naming them;
-* :func:`embedded_family` gives the family of an embedded model (``tiny``, ``toy``, ``tiny-xl``, ``tiny-v``).
+  refuses layouts caspec does not run (SD 3.x, FLUX.2, FLUX.3, Chroma, Qwen-Image, the SDXL refiner), naming them;
+* :func:`embedded_family` gives the family of an embedded model (``tiny``, ``toy``, ``tiny-xl``, ``tiny-v``,
+  ``tiny-flux``, ``tiny-flux-schnell``).
 
 Adding a family is one module with a :class:`~caspec.families.base.Family` subclass, listed in
 :data:`DETECTION_ORDER`, plus its tests.
@@ -15,20 +16,22 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
-from .base import Family, read_json
+from .base import Family, UNetFamily, read_json
+from .flux import FLUX
 from .sd1 import SD1
 from .sd2 import SD2
 from .sdxl import SDXL
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL)}
-DETECTION_ORDER: tuple[Family, ...] = (SDXL, SD2, SD1)
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, FLUX)}
+DETECTION_ORDER: tuple[Family, ...] = (FLUX, SDXL, SD2, SD1)
 """The order in which families are asked whether a folder is theirs (SD 1.x takes what is left)."""
-SUPPORTED = "SD 1.x, SD 2.x and SDXL base models (diffusers layout: unet/, vae/, text_encoder/, tokenizer/)"
+SUPPORTED = ("SD 1.x, SD 2.x, SDXL and FLUX.1 models (diffusers layout: unet/ or FLUX.1's transformer/, vae/, "
+             "text_encoder/, tokenizer/)")
 TINY_FILE = "caspec-tiny.json"  # an embedded model's identity file, which names its family
 
-# layouts caspec does not run: a pipeline class-name fragment -> what to call it
-UNSUPPORTED_CLASSES = {"StableDiffusion3": "SD 3.x", "Flux2": "FLUX.2", "Flux3": "FLUX.3", "Chroma": "Chroma",
-                       "QwenImage": "Qwen-Image", "Flux": "FLUX.1"}
+# families caspec does not run yet: a pipeline (or transformer) class-name fragment -> what to call it
+UNSUPPORTED_CLASSES = {"StableDiffusion3": "SD 3.x", "SD3": "SD 3.x", "Flux2": "FLUX.2", "Flux3": "FLUX.3",
+                       "Chroma": "Chroma", "QwenImage": "Qwen-Image"}
 
 
 def get(family: Any) -> Family:
@@ -47,15 +50,23 @@ def describe(family: Any) -> str:
 
 
 def _refuse_unsupported(folder: Path, index: dict[str, Any]) -> None:
+    """Families caspec does not run yet, named by their pipeline or transformer class."""
+    for cls in (str(index.get("_class_name", "")),
+                str(read_json(folder / "transformer" / "config.json").get("_class_name", ""))):
+        for fragment, title in UNSUPPORTED_CLASSES.items():
+            if fragment in cls:
+                raise ModelError(f"{folder} holds a model of the {title} family ({cls}), which is not supported "
+                                 f"yet; caspec runs {SUPPORTED}",
+                                 hint="use an SD 1.x, SD 2.x, SDXL or FLUX.1 base model")
+
+
+def _refuse_other_layouts(folder: Path, index: dict[str, Any]) -> None:
+    """Layouts no family claims: an unknown transformer, the SDXL refiner."""
     cls = str(index.get("_class_name", ""))
-    for fragment, title in UNSUPPORTED_CLASSES.items():
-        if fragment in cls:
-            raise ModelError(f"{folder} holds a model of the {title} family ({cls}), which is not supported yet; "
-                             f"caspec runs {SUPPORTED}", hint="use an SD 1.x, SD 2.x or SDXL base model")
     if (folder / "transformer").is_dir():
         raise ModelError(f"{folder} holds a {cls or 'transformer-based'} model (a `transformer/`, not a `unet/`): "
                          f"that family is not supported yet; caspec runs {SUPPORTED}",
-                         hint="use an SD 1.x, SD 2.x or SDXL base model")
+                         hint="use an SD 1.x, SD 2.x, SDXL or FLUX.1 base model")
     if "Refiner" in cls or (index.get("requires_aesthetics_score") is True):
         raise ModelError(f"{folder} is an SDXL refiner ({cls}): caspec trains and samples with base models",
                          hint="use the SDXL base model (e.g. stabilityai/stable-diffusion-xl-base-1.0)")
@@ -72,13 +83,21 @@ def folder_family(folder: Path) -> str:
         return str(tiny["family"])
     index = read_json(folder / "model_index.json")
     _refuse_unsupported(folder, index)
-    return next(f.name for f in DETECTION_ORDER if f.claims(folder, index))
+    for family in DETECTION_ORDER:
+        if isinstance(family, UNetFamily):
+            _refuse_other_layouts(folder, index)
+        if family.claims(folder, index):
+            return family.name
+    raise ModelError(f"{folder}: no model family fits this folder", hint=f"caspec runs {SUPPORTED}")
 
 
 def embedded_family(name: str) -> str:
-    """The family of an embedded model (``tiny``, ``toy``, ``tiny-xl``, ``tiny-v``)."""
+    """The family of an embedded model (``tiny``, ``toy``, ``tiny-xl``, ``tiny-v``, ``tiny-flux``, ...)."""
     from ..models.tiny import TINY_MODELS
+    from ..models.tiny_flux import FAMILY, TINY_FLUX_MODELS
 
+    if name in TINY_FLUX_MODELS:
+        return FAMILY
     return TINY_MODELS[name].family if name in TINY_MODELS else "sd1"
 
 

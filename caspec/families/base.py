@@ -56,6 +56,8 @@ class Family:
                                                       "text": ("q_proj", "k_proj", "v_proj", "out_proj")}
     kohya_prefix: Mapping[str, str] = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
     kohya_base_version: str = "sd_v1"
+    sampling_defaults: Mapping[str, Any] = {"steps": 50, "guidance_scale": 7.5, "scheduler": "ddim"}
+    """Sampling settings a spec leaves to the family (the paper's DDIM, 50 steps, guidance 7.5)."""
     default_layout: Mapping[str, Any] | None = None
     """The denoiser layout assumed for imported files that do not record one (see :meth:`asset_layout`)."""
 
@@ -69,8 +71,13 @@ class Family:
 
     @property
     def lora_components(self) -> tuple[str, ...]:
-        """Components LoRA can adapt, in asset-file order: the text encoders, then the denoiser."""
+        """Components an asset may carry LoRA for, in asset-file order: the text encoders, then the denoiser."""
         return (*self.text_encoders, self.denoiser)
+
+    @property
+    def trained_components(self) -> tuple[str, ...]:
+        """Components phase 2 puts LoRA on (default: all of :attr:`lora_components`)."""
+        return self.lora_components
 
     def claims(self, folder: Path, index: Mapping[str, Any]) -> bool:
         """Whether a diffusers folder (with its ``model_index.json`` as ``index``) is of this family."""
@@ -98,6 +105,42 @@ class Family:
         """Whether an empty negative prompt conditions as zeros (SDXL's ``force_zeros_for_empty_prompt``)."""
         return False
 
+    # ------------------------------------------------------------------ sampling
+
+    @property
+    def sampler(self) -> Any:
+        """The module that samples this family (``txt2img``, ``sdedit``, ``encode_image``, ``default_batch_size``)."""
+        raise NotImplementedError
+
+    def step_sigmas(self, configs: Mapping[str, Any], steps: int, resolution: int) -> list[float]:
+        """The noise level at the start of each of ``steps`` sampling steps, as a flow-matching σ
+        (``x_t = (1 - σ) x0 + σ ε``; for DDPM schedules the σ of the same signal-to-noise ratio). Pure:
+        ``configs`` holds the model's ``scheduler`` and ``vae`` configs (:func:`caspec.models.load.model_configs`)."""
+        raise NotImplementedError
+
+    def strength_start(self, steps: int, strength: float) -> int:
+        """The sampling step SDEdit starts at for diffusers' ``strength`` (its img2img pipelines' rule)."""
+        raise NotImplementedError
+
+    def txt2img(self, pipe: Any, prompts: Sequence[str], seeds: Sequence[int], **settings: Any) -> list[Any]:
+        """Images from prompts: ``steps``, ``guidance_scale``, ``negative_prompt``, ``resolution``,
+        ``batch_size``, ``progress`` (and ``true_cfg_scale`` where the family has it)."""
+        settings.pop("true_cfg_scale", None)
+        return self.sampler.txt2img(pipe, prompts, seeds, **settings)
+
+    def sdedit(self, pipe: Any, images: Sequence[Any], prompts: Sequence[str], seeds: Sequence[int], *,
+               start: int, **settings: Any) -> list[Any]:
+        """SDEdit from sampling step ``start`` (see :func:`caspec.families.noise.edit_start`); settings as
+        :meth:`txt2img`."""
+        settings.pop("true_cfg_scale", None)
+        return self.sampler.sdedit(pipe, images, prompts, seeds, start=start, **settings)
+
+    def instruct(self, pipe: Any, images: Sequence[Any], instructions: Sequence[str], seeds: Sequence[int],
+                 **settings: Any) -> list[Any]:
+        """Instruction edits ("make the robot purple"): families with an instruction-edit model override this."""
+        raise ValueError(f"{self.title} models take no instruction edits (`method: instruct`): give the edits step "
+                         "a `model:` that does, such as a FLUX.1 Kontext model")
+
     # ------------------------------------------------------------------ training
 
     def training_schedule(self, pipe: Any) -> Any:
@@ -121,9 +164,52 @@ class Family:
         path = with_text_model(module) if component != self.denoiser else module
         return self.kohya_prefix[component] + path.replace(".", "_")
 
+    def kohya_lora(self, layers: Mapping[str, Mapping[str, tuple[Any, Any]]], rank: int, alpha: float,
+                   layout: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+        """Kohya LoRA tensors (``<name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``) for
+        ``{component: {module: (A, B)}}`` and the map kohya name -> ``component:module``; one name per module,
+        alpha as trained (kohya scales by ``alpha / rank``)."""
+        import torch
+
+        tensors: dict[str, Any] = {}
+        modules: dict[str, str] = {}
+        for comp in self.lora_components:
+            for module, (a, b) in sorted((layers.get(comp) or {}).items()):
+                name = self.kohya_name(comp, module, layout)
+                if name in modules:
+                    raise ValueError(f"LoRA modules {modules[name]} and {comp}:{module} share the kohya name {name}")
+                modules[name] = f"{comp}:{module}"
+                tensors[f"{name}.lora_down.weight"] = a.detach().to("cpu", torch.float32).contiguous().clone()
+                tensors[f"{name}.lora_up.weight"] = b.detach().to("cpu", torch.float32).contiguous().clone()
+                tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+        return tensors, modules
+
+    def kohya_header(self, rank: int, alpha: float) -> dict[str, str]:
+        """kohya's safetensors header entries for this family's LoRA files."""
+        return {"ss_network_module": "networks.lora", "ss_network_dim": str(int(rank)),
+                "ss_network_alpha": repr(float(alpha)), "ss_base_model_version": self.kohya_base_version}
+
+    def lora_layers(self, tensors: Mapping[str, Any], default_alpha: Mapping[str, float]) -> list[Any] | None:
+        """A LoRA file's layers ``(component, module, A, B, alpha)`` when this family reads its files itself
+        (None: the importer's kohya and diffusers readers apply)."""
+        return None
+
     def lora_saver(self) -> Any:
         """diffusers' loader mixin whose ``save_lora_weights`` packs this family's LoRA files."""
         raise NotImplementedError
+
+    peft_names_in_diffusers_files: bool = False
+    """Whether diffusers-format LoRA files keep peft's key names (FLUX.1's scripts) rather than diffusers' own."""
+
+    @property
+    def diffusers_lora_components(self) -> tuple[str, ...]:
+        """Components whose LoRA diffusers' loader for this family reads (``save_lora_weights`` arguments)."""
+        return self.lora_components
+
+    @property
+    def embedding_file_keys(self) -> dict[str, str]:
+        """Embedding-file key -> text encoder, with the aliases other tools write (ComfyUI's ``t5xxl``)."""
+        return {key: enc for enc, key in (self.embedding_keys or {}).items()}
 
     def kohya_modules(self, names: Mapping[str, Mapping[str, Any]], layout: Mapping[str, Any] | None) -> dict[str, str]:
         """kohya layer name -> ``component:module path`` for the layers ``names`` (name -> its tensors)."""
@@ -189,6 +275,20 @@ class DiffusionSchedule:
 
 class UNetFamily(Family):
     """What SD 1.x, SD 2.x and SDXL share: a ``UNet2DConditionModel``, a KL VAE, CLIP text encoders, DDIM."""
+
+    @property
+    def sampler(self) -> Any:
+        from ..models import sampling
+
+        return sampling
+
+    def step_sigmas(self, configs: Mapping[str, Any], steps: int, resolution: int) -> list[float]:
+        from .noise import ddim_step_sigmas
+
+        return ddim_step_sigmas(configs["scheduler"], steps)
+
+    def strength_start(self, steps: int, strength: float) -> int:
+        return max(steps - min(int(steps * strength), steps), 0)
 
     def _variant(self, sub: Path) -> str | None:
         from ..models.load import weight_variant

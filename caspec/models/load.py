@@ -36,10 +36,12 @@ from ..errors import ModelError
 from ..spec.models import ModelSpec
 from .. import families
 from ..families import embedded_family, folder_family
-from .tiny import TINY_MODELS, TINY_RESOLUTION, cache_root, ensure_tiny, tiny_identity
+from .tiny import TINY_MODELS, TINY_RESOLUTION, VAE_CONFIG, cache_root, ensure_tiny, tiny_identity
+from .tiny_flux import TINY_FLUX_MODELS, TINY_FLUX_RESOLUTION, ensure_tiny_flux, tiny_flux_identity
+from .tiny_flux import VAE_CONFIG as FLUX_VAE_CONFIG
 from .toy import TOY_RESOLUTION, ensure_toy, toy_identity
 
-EMBEDDED = ("tiny", "toy", "tiny-xl", "tiny-v")
+EMBEDDED = ("tiny", "toy", "tiny-xl", "tiny-v", "tiny-flux", "tiny-flux-schnell")
 
 DIGESTS_FILE = "digests.json"
 RUN_FIELDS = ("dtype",)
@@ -292,6 +294,8 @@ def model_identity(model: ModelSpec, spec_dir: Path) -> dict[str, Any]:
     dtype = resolve_dtype(model)
     if loc.kind in TINY_MODELS:
         return {"kind": loc.kind, **tiny_identity(loc.kind), "dtype": dtype}
+    if loc.kind in TINY_FLUX_MODELS:
+        return {"kind": loc.kind, **tiny_flux_identity(loc.kind), "dtype": dtype}
     if loc.kind == "toy":
         return {"kind": "toy", **toy_identity(), "dtype": dtype}
     if loc.kind == "hub":
@@ -305,6 +309,8 @@ def native_resolution(model: ModelSpec, spec_dir: Path) -> int:
     loc = locate_model(model, spec_dir)
     if loc.kind in TINY_MODELS:
         return TINY_RESOLUTION
+    if loc.kind in TINY_FLUX_MODELS:
+        return TINY_FLUX_RESOLUTION
     if loc.kind == "toy":
         return TOY_RESOLUTION
     assert loc.folder is not None
@@ -314,6 +320,29 @@ def native_resolution(model: ModelSpec, spec_dir: Path) -> int:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"cannot read the {family.denoiser}/vae configs of {loc.folder}: {exc}",
                          hint=f"is this a complete {family.title} diffusers folder?") from None
+
+
+def model_configs(model: ModelSpec, spec_dir: Path) -> dict[str, Any]:
+    """The model's ``scheduler`` and ``vae`` configs (what decides where an edit starts), without loading or
+    building anything."""
+    loc = locate_model(model, spec_dir)
+    if loc.kind in TINY_MODELS:
+        return {"scheduler": dict(TINY_MODELS[loc.kind].scheduler), "vae": dict(VAE_CONFIG)}
+    if loc.kind in TINY_FLUX_MODELS:
+        return {"scheduler": dict(TINY_FLUX_MODELS[loc.kind].scheduler), "vae": dict(FLUX_VAE_CONFIG)}
+    if loc.kind == "toy":
+        from .toy import scheduler_config, toy_meta, vae_config
+
+        return {"scheduler": scheduler_config(), "vae": vae_config(toy_meta())}
+    assert loc.folder is not None
+    configs = {}
+    for name, rel in (("scheduler", SCHEDULER_CONFIG_FILE), ("vae", "vae/config.json")):
+        try:
+            configs[name] = json.loads((loc.folder / rel).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot read {loc.folder / rel}: {exc}",
+                             hint="the model folder must hold scheduler/ and vae/ configs") from None
+    return configs
 
 
 def model_family(model: ModelSpec, spec_dir: Path) -> str:
@@ -345,6 +374,7 @@ class Pipe:
     dtype: Any  # torch dtype of the denoiser and text encoders (the VAE is fp32)
     resolution: int  # native square size in pixels
     unet: Any = None  # the denoiser of UNet families
+    transformer: Any = None  # the denoiser of DiT families (FLUX.1)
     identity: dict[str, Any] = field(default_factory=dict)
     family: str = "sd1"
     tokenizer_2: Any = None
@@ -372,6 +402,11 @@ class Pipe:
     def lora_modules(self) -> list[tuple[str, Any]]:
         """``(component, module)`` for every component LoRA can adapt: the text encoders, then the denoiser."""
         return [(comp, getattr(self, comp)) for comp in self.kind.lora_components]
+
+    @property
+    def trained_lora_modules(self) -> list[tuple[str, Any]]:
+        """``(component, module)`` that phase 2 puts LoRA on (FLUX.1: not T5)."""
+        return [(comp, getattr(self, comp)) for comp in self.kind.trained_components]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -426,7 +461,7 @@ def _load(model: ModelSpec, spec_dir: Path, identity: dict[str, Any], device_nam
     name = model.base
     try:
         folder = (ensure_tiny(loc.kind) if loc.kind in TINY_MODELS else ensure_toy() if loc.kind == "toy"
-                  else loc.folder)
+                  else ensure_tiny_flux(loc.kind) if loc.kind in TINY_FLUX_MODELS else loc.folder)
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -474,5 +509,5 @@ def _load(model: ModelSpec, spec_dir: Path, identity: dict[str, Any], device_nam
 
 
 __all__ = ["Pipe", "ModelLocation", "locate_model", "model_identity", "weights_identity", "identity_differences",
-           "loaded_files", "component_weight_files", "native_resolution", "model_family",
+           "loaded_files", "component_weight_files", "native_resolution", "model_family", "model_configs",
            "load_pipeline", "clear_pipeline_cache", "resolve_device", "resolve_dtype", "RUN_FIELDS"]

@@ -252,6 +252,7 @@ def sdedit(
     seeds: Sequence[int],
     *,
     strength: float = 0.86,
+    start: int | None = None,
     steps: int = 50,
     guidance_scale: float = 7.5,
     negative_prompt: str | None = "",
@@ -263,14 +264,18 @@ def sdedit(
 
     Each source is VAE-encoded once (mean latent); noise from the triple's seed is added with
     ``scheduler.add_noise`` at the start timestep; then ``int(steps * strength)`` DDIM steps with CFG.
+    ``start`` (a sampling step, see :func:`caspec.families.noise.edit_start`) replaces ``strength``'s start.
     """
     images, prompts, seeds = list(images), list(prompts), list(seeds)
     if not (len(images) == len(prompts) == len(seeds)):
         raise ValueError(f"sdedit needs as many images, prompts and seeds ({len(images)}, {len(prompts)}, {len(seeds)})")
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
-    if int(steps * strength) < 1:
-        raise ValueError(f"steps × strength = {steps} × {strength} < 1: no denoising step would run")
+    if start is None:
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if int(steps * strength) < 1:
+            raise ValueError(f"steps × strength = {steps} × {strength} < 1: no denoising step would run")
+    elif not 0 <= start < steps:
+        raise ValueError(f"start step {start} is outside the {steps} sampling steps")
     res = _resolution(pipe, resolution)
     bs = batch_size or default_batch_size(pipe)
 
@@ -288,7 +293,8 @@ def sdedit(
         for idx in _batches(len(images), bs):
             sched = _scheduler_copy(pipe)
             sched.set_timesteps(steps, device=pipe.device)
-            timesteps = sdedit_timesteps(sched, steps, strength)
+            timesteps = (sdedit_timesteps(sched, steps, strength) if start is None
+                         else sched.timesteps[start * sched.order:])
             z0 = torch.cat([src_latents[i] for i in idx]).to(pipe.device)
             noise = torch.cat([_noise(seeds[i], tuple(src_latents[i].shape)) for i in idx]).to(pipe.device)
             t0 = timesteps[:1].repeat(len(idx))

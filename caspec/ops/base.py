@@ -65,9 +65,20 @@ class Op:
     IS_GATE: ClassVar[bool] = False  # a review gate: implements ``gate``
     # does torch computation whose bytes depend on the device and CPU thread count (``exec.compute``)
     TORCH_COMPUTE: ClassVar[bool] = True
+    # ``params`` takes ``family=`` (the step's model family, :mod:`caspec.families`): defaults that differ by family
+    USES_FAMILY: ClassVar[bool] = False
 
     def params(self, step: Any, spec: Spec) -> dict[str, Any]:
         raise NotImplementedError
+
+    def model_of(self, step: Any) -> ModelSpec | None:
+        """The model this step names for itself (None: the spec's)."""
+        return None
+
+    def plan_facts(self, step_id: str, step: Any, params: dict[str, Any], family: Any, loaded: Any) -> dict[str, Any]:
+        """Facts planning shows about a step (pure; e.g. an edit's start step and σ); a problem it finds is a spec
+        error at its line. Called for ops with ``USES_FAMILY``."""
+        return {}
 
     def inputs(self, step: Any, spec_dir: Path) -> dict[str, Path]:
         return {}

@@ -42,9 +42,11 @@ class ComposeOp(Op):
     KIND = "compose"
     VERSION = 1
 
-    def params(self, step: Any, spec: Any) -> dict[str, Any]:
+    USES_FAMILY = True
+
+    def params(self, step: Any, spec: Any, family: Any = None) -> dict[str, Any]:
         # `same_seeds` enters the key only when set, so older keys stay valid
-        return {**sampling_for(spec, step), "prompts": list(step.prompts), "images": step.images,
+        return {**sampling_for(spec, step, family), "prompts": list(step.prompts), "images": step.images,
                 "first_scale": step.first_scale, "later_scale": step.later_scale,
                 "asset_scales": [step.asset_scales.get(a) for a in step.assets],
                 "assets": [{"source": "path" if _is_path(a) else "step"} for a in step.assets],
@@ -86,12 +88,11 @@ class ComposeOp(Op):
 
     def _render(self, ctx: RunContext, pipe: Any, j: int, prompt: str, scales: list[float],
                 assets: list[Any]) -> list[dict[str, Any]]:
-        from ..models.sampling import txt2img
-
         p = ctx.params
         seeds = image_seeds(p["seed"], prompt, p["images"], same_seeds=p.get("same_seeds", False))
-        images = txt2img(pipe, [prompt] * len(seeds), seeds, steps=p["steps"], guidance_scale=p["guidance_scale"],
-                         negative_prompt=p["negative_prompt"], resolution=p["resolution"])
+        images = pipe.kind.txt2img(pipe, [prompt] * len(seeds), seeds, steps=p["steps"],
+                                   guidance_scale=p["guidance_scale"], negative_prompt=p["negative_prompt"],
+                                   resolution=p["resolution"], true_cfg_scale=p.get("true_cfg_scale"))
         names = list(getattr(ctx.extra.get("step"), "assets", [])) or [f"asset{i}" for i in range(len(scales))]
         used = [{"asset": names[i], "scale": s} for i, s in enumerate(scales) if s > 0]
         out = []

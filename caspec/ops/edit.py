@@ -1,8 +1,12 @@
-"""Step kind ``edit``: text-guided SDEdit variations of a root's (or selection's) images.
+"""Step kind ``edit``: variations of a root's (or selection's) images, by text-guided SDEdit or by instruction.
 
 For each picked source image i, each edit prompt j and each candidate k the step makes
-``s<i>-p<j>-c<k>.png`` (id ``s<i>-p<j>-c<k>``; i is the index in the source's image list). The
-source is noised to ``strength`` and denoised under the prompt (DDIM, classifier-free guidance).
+``s<i>-p<j>-c<k>.png`` (id ``s<i>-p<j>-c<k>``; i is the index in the source's image list). With SDEdit the
+source is noised to ``strength`` (diffusers' rule for the family) or ``noise_level`` (matched across families,
+:mod:`caspec.families.noise`) and denoised under the prompt, as the model's family samples; with
+``method: instruct`` the prompt is an instruction and the source a reference (FLUX.1 Kontext), and ``shows``
+(what each result should show) becomes the candidate's prompt for CLIP selection. A step may name its own
+``model:``: it enters only this step's key.
 Candidate seeds are ``derive_seed(seed, "edit", source_digest, prompt, k)``: they follow the
 source image's content and the prompt, so adding prompts, candidates or sources never changes
 an existing image.
@@ -33,10 +37,47 @@ class EditOp(Op):
     KIND = "edit"
     VERSION = 3  # 2: sources/s<i>.png and `source_file`; 3: `source_prompt` (select by clip reads it)
     USES_MODEL = True
+    USES_FAMILY = True
 
-    def params(self, step: EditStep, spec: Spec) -> dict[str, Any]:
-        s = sampling_for(spec, step)
-        return {
+    def model_of(self, step: EditStep) -> Any:
+        return step.model
+
+    def plan_facts(self, step_id: str, step: EditStep, params: dict[str, Any], family: Any, loaded: Any) -> dict[str, Any]:
+        """Where an SDEdit starts (step and σ, :mod:`caspec.families.noise`); a start from pure noise, or after the
+        last step, is a spec error at the field that causes it."""
+        if step.method != "sdedit":
+            return {}
+        from ..errors import PlanError
+        from ..families.noise import edit_start
+        from ..models.load import model_configs, native_resolution
+
+        model = step.model or loaded.spec.model
+        steps = int(params["steps"])
+        resolution = int(params["resolution"] or native_resolution(model, loaded.dir))
+        try:
+            start, sigma = edit_start(family, model_configs(model, loaded.dir), steps, resolution,
+                                      strength=params["strength"], noise_level=params.get("noise_level"))
+        except ValueError as exc:
+            field = "noise_level" if step.noise_level is not None else "strength"
+            shown = field if field in step.model_fields_set or field == "noise_level" else "steps"
+            raise PlanError(f"{loaded.where(('edits', step_id, shown))}: edits.{step_id}.{shown}: {exc}",
+                            hint="use a lower strength or more steps; `noise_level: 0.86` starts where the paper's "
+                            "SD 1.x edits start, on every family") from None
+        return {"edit_start": {"step": start, "steps": steps, "sigma": round(sigma, 4)}}
+
+    def params(self, step: EditStep, spec: Spec, family: Any = None) -> dict[str, Any]:
+        s = sampling_for(spec, step, family)
+        # the newer settings enter the key only when used, so older keys stay valid
+        extra: dict[str, Any] = {}
+        if step.method != "sdedit":
+            extra["method"] = step.method
+        if step.noise_level is not None:
+            extra["noise_level"] = float(step.noise_level)
+        if step.shows is not None:
+            extra["shows"] = list(step.shows)
+        if "true_cfg_scale" in s:
+            extra["true_cfg_scale"] = s["true_cfg_scale"]
+        return {**extra,
             "prompts": list(step.prompts),
             "pick": None if step.pick is None else list(step.pick),
             "strength": float(step.strength),
@@ -79,7 +120,6 @@ class EditOp(Op):
         from PIL import Image
 
         from ..models.load import load_pipeline
-        from ..models.sampling import default_batch_size, sdedit
 
         p = ctx.params
         up = ctx.upstream["source"]
@@ -111,16 +151,20 @@ class EditOp(Op):
         pipe = load_pipeline(ctx.model, ctx.spec_dir)
         check_prompts(ctx, pipe, "edits", [*((("prompts", j), t) for j, t in enumerate(p["prompts"])),
                                            *negative_field(p)])
-        desc = f"{ctx.step_id}: sdedit"
+        instruct = p.get("method") == "instruct"
+        desc = f"{ctx.step_id}: {'instruct' if instruct else 'sdedit'}"
         ctx.progress(0, len(jobs), desc)
+        settings = dict(steps=p["steps"], guidance_scale=p["guidance_scale"], negative_prompt=p["negative_prompt"],
+                        resolution=p["resolution"], true_cfg_scale=p.get("true_cfg_scale"),
+                        batch_size=ctx.extra.get("batch_size") or pipe.kind.sampler.default_batch_size(pipe),
+                        progress=lambda done, total: ctx.progress(done, total, desc))
+        images_in, prompts_in, seeds_in = [job[4] for job in jobs], [job[6] for job in jobs], [job[8] for job in jobs]
         try:
-            images = sdedit(
-                pipe, [job[4] for job in jobs], [job[6] for job in jobs], [job[8] for job in jobs],
-                strength=p["strength"], steps=p["steps"], guidance_scale=p["guidance_scale"],
-                negative_prompt=p["negative_prompt"], resolution=p["resolution"],
-                batch_size=ctx.extra.get("batch_size") or default_batch_size(pipe),
-                progress=lambda done, total: ctx.progress(done, total, desc),
-            )
+            if instruct:
+                images = pipe.kind.instruct(pipe, images_in, prompts_in, seeds_in, **settings)
+            else:
+                start, _ = edit_start_of(ctx, pipe)
+                images = pipe.kind.sdedit(pipe, images_in, prompts_in, seeds_in, start=start, **settings)
         except ValueError as exc:
             raise StepFailed(ctx.step_id, str(exc),
                              hint="raise `strength` or `steps` so that int(steps * strength) >= 1") from None
@@ -141,11 +185,22 @@ class EditOp(Op):
                 "scheduler": p["scheduler"], "source": entry.get("id"), "source_digest": digest,
                 "step": ctx.step_id, "key": ctx.key, "id": iid, "model": ctx.model.base,
             })
-            out.append(image_entry(iid, file, prompt=prompt, negative_prompt=p["negative_prompt"], seed=seed,
+            shown = {"prompt": p["shows"][j], "instruction": prompt} if p.get("shows") else {"prompt": prompt}
+            out.append(image_entry(iid, file, **shown, negative_prompt=p["negative_prompt"], seed=seed,
                                    source=entry.get("id"), source_index=i, source_file=source_files[i],
                                    source_prompt=entry.get("prompt"),  # select by clip: the edit's text direction
                                    prompt_index=j, candidate=k, digest=pixel_digest(image)))
         return {"images": out}
 
 
-__all__ = ["EditOp", "edit_id"]
+def edit_start_of(ctx: RunContext, pipe: Any) -> tuple[int, float]:
+    """The SDEdit start step and its σ for this step's ``strength`` or ``noise_level`` on ``pipe``'s model."""
+    from ..families.noise import edit_start
+    from ..models.load import model_configs
+
+    p = ctx.params
+    return edit_start(pipe.kind, model_configs(ctx.model, ctx.spec_dir), int(p["steps"]),
+                      int(p["resolution"] or pipe.resolution), strength=p["strength"], noise_level=p.get("noise_level"))
+
+
+__all__ = ["EditOp", "edit_id", "edit_start_of"]

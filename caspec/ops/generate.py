@@ -27,9 +27,10 @@ class GenerateOp(Op):
     KIND = "root"
     VERSION = 1
     USES_MODEL = True
+    USES_FAMILY = True
 
-    def params(self, step: RootStep, spec: Spec) -> dict[str, Any]:
-        s = sampling_for(spec, step)
+    def params(self, step: RootStep, spec: Spec, family: Any = None) -> dict[str, Any]:
+        s = sampling_for(spec, step, family)
         if step.image is not None:
             return {"mode": "image", "resolution": s["resolution"]}
         return {
@@ -42,6 +43,7 @@ class GenerateOp(Op):
             "guidance_scale": float(s["guidance_scale"]),
             "resolution": s["resolution"],
             "scheduler": s["scheduler"],
+            **({"true_cfg_scale": s["true_cfg_scale"]} if "true_cfg_scale" in s else {}),
         }
 
     def inputs(self, step: RootStep, spec_dir: Path) -> dict[str, Path]:
@@ -93,7 +95,6 @@ class GenerateOp(Op):
 
     def _run_generate(self, ctx: RunContext) -> dict[str, Any]:
         from ..models.load import load_pipeline
-        from ..models.sampling import default_batch_size, txt2img
 
         p = ctx.params
         from .prompt_checks import check_prompts, negative_field
@@ -106,10 +107,11 @@ class GenerateOp(Op):
         desc = f"{ctx.step_id}: generating"
         ctx.progress(0, n, desc)
         try:
-            images = txt2img(
+            images = pipe.kind.txt2img(
                 pipe, [prompt] * n, seeds,
                 steps=p["steps"], guidance_scale=p["guidance_scale"], negative_prompt=p["negative_prompt"],
-                resolution=p["resolution"], batch_size=ctx.extra.get("batch_size") or default_batch_size(pipe),
+                resolution=p["resolution"], true_cfg_scale=p.get("true_cfg_scale"),
+                batch_size=ctx.extra.get("batch_size") or pipe.kind.sampler.default_batch_size(pipe),
                 progress=lambda done, total: ctx.progress(done, total, desc),
             )
         except ValueError as exc:

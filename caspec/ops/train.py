@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..environment import library_versions
+from .. import families
 from ..errors import StepFailed
 from ..train.config import keyed_settings
 from .base import Op, RunContext
@@ -30,8 +31,13 @@ class TrainOp(Op):
     VERSION = 2  # 2: checkpoint_every / preview_every left the key (the card records them under `run`);
                 # the card's result lost `seconds`/`resumed_from` (now in the record's meta)
 
-    def params(self, step: Any, spec: Any) -> dict[str, Any]:
+    USES_FAMILY = True
+
+    def params(self, step: Any, spec: Any, family: Any = None) -> dict[str, Any]:
         settings = keyed_settings({k: v for k, v in step.train.model_dump().items() if k not in RUN_SETTINGS})
+        defaults = (family or families.get("sd1")).default_targets  # unset targets: the family's
+        settings["unet_targets"] = list(settings["unet_targets"] or defaults["unet"])
+        settings["text_targets"] = list(settings["text_targets"] or defaults["text"])
         settings["seed"] = spec.defaults.seed if settings["seed"] is None else settings["seed"]
         settings["lora_alpha"] = float(settings["lora_alpha"] or settings["lora_rank"])
         # `vectors` (and the LATER_SETTINGS) enter the key only when not the default: older keys stay valid
@@ -100,8 +106,8 @@ def _check_targets(ctx: RunContext, pipe: Any, train: dict[str, Any]) -> None:
     from ..assets.format import check_targets
 
     where = ctx.extra.get("where", lambda *path: "")
-    checks = [("unet_targets", pipe.unet, "the UNet")]
-    checks += [("text_targets", te, f"the {comp.replace('_', ' ')}") for comp, _, te in pipe.text_encoders]
+    checks = [("unet_targets" if comp == pipe.kind.denoiser else "text_targets", module,
+               f"the {comp.replace('_', ' ') if comp != 'unet' else 'UNet'}") for comp, module in pipe.trained_lora_modules]
     for field, module, what in checks:
         for i, target in enumerate(train[field]):
             try:

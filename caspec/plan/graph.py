@@ -49,6 +49,9 @@ class Node:
     # for a cached step: where the environment that made it differs from this one (name -> (made, now))
     environment_changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    model: Any = None  # the ModelSpec this step names for itself (None: the spec's)
+    facts: dict[str, Any] = field(default_factory=dict)  # what planning shows about the step (an edit's start)
+    model_identity: dict[str, Any] | None = None  # its identity, when it names one
 
     @property
     def provisional(self) -> bool:
@@ -63,7 +66,13 @@ class Node:
         return {"id": self.id, "kind": self.kind, "key": self.key, "provisional": self.provisional,
                 "status": self.status, "reasons": self.reasons, "notes": self.notes,
                 "environment_changes": {k: {"made": a, "now": b} for k, (a, b) in self.environment_changes.items()},
-                "upstream": sorted(set(self.upstream.values()))}
+                "upstream": sorted(set(self.upstream.values())), **self.facts}
+
+    @property
+    def fact_notes(self) -> list[str]:
+        """:attr:`facts` in words, for the plan table."""
+        start = self.facts.get("edit_start")
+        return [f"starts at step {start['step']} of {start['steps']}, σ {start['sigma']:.3f}"] if start else []
 
 
 @dataclass
@@ -102,12 +111,21 @@ def build_nodes(loaded: Any) -> dict[str, Node]:
     """One node per spec step, in topological order; a cycle is a PlanError naming its steps."""
     spec = loaded.spec
     raw: dict[str, Node] = {}
+    families_of: dict[str, Any] = {}
     for section, step_id, step in spec.steps():
         kind = kind_of(section, step)
         op = get_op(kind)
-        raw[step_id] = Node(id=step_id, kind=kind, section=section, step=step, op=op,
-                            params=op.params(step, spec), inputs=op.inputs(step, loaded.dir),
-                            upstream=op.upstream(step))
+        own = op.model_of(step)
+        if op.USES_FAMILY:
+            family = _family_of(own or spec.model, loaded, families_of, (section, step_id, "model") if own else
+                                ("model",))
+            params = op.params(step, spec, family=family)
+            _check_scheduler(loaded, section, step_id, params, family)
+            facts = op.plan_facts(step_id, step, params, family, loaded)
+        else:
+            params, facts = op.params(step, spec), {}
+        raw[step_id] = Node(id=step_id, kind=kind, section=section, step=step, op=op, params=params,
+                            inputs=op.inputs(step, loaded.dir), upstream=op.upstream(step), model=own, facts=facts)
     sorter = TopologicalSorter({sid: set(n.upstream.values()) for sid, n in raw.items()})
     try:
         order = list(sorter.static_order())
@@ -116,6 +134,31 @@ def build_nodes(loaded: Any) -> dict[str, Node]:
         raise PlanError(f"{loaded.path.name}: the steps form a cycle: {cycle}",
                         hint="a step cannot depend on its own output; check the `from:` fields") from None
     return {sid: raw[sid] for sid in order}
+
+
+def _family_of(model: Any, loaded: Any, memo: dict[str, Any], where: tuple) -> Any:
+    """The :class:`~caspec.families.base.Family` of ``model`` (read from configs; memoised per plan); a model
+    that cannot be found is reported at its spec line."""
+    from .. import families
+    from ..errors import ModelError
+    from ..models.load import model_family
+
+    text = model.model_dump_json()
+    if text not in memo:
+        try:
+            memo[text] = families.get(model_family(model, loaded.dir))
+        except ModelError as exc:
+            raise ModelError(f"{loaded.where(where)}: {exc.message}", hint=exc.hint) from None
+    return memo[text]
+
+
+def _check_scheduler(loaded: Any, section: str, step_id: str, params: dict[str, Any], family: Any) -> None:
+    """A spec that names another family's sampler (``defaults.scheduler: ddim`` on FLUX.1) is an error."""
+    named = loaded.spec.defaults.scheduler
+    if named is not None and named != family.sampling_defaults["scheduler"]:
+        raise PlanError(f"{loaded.where(('defaults', 'scheduler'))}: defaults.scheduler: `{named}` is not a sampler "
+                        f"of the {family.title} model `{step_id}` runs",
+                        hint=f"use `{family.sampling_defaults['scheduler']}`, or leave `scheduler` out")
 
 
 def make_plan(loaded: Any, store: Any, *, force: set[str] | frozenset[str] = frozenset(),
@@ -131,6 +174,15 @@ def make_plan(loaded: Any, store: Any, *, force: set[str] | frozenset[str] = fro
         from ..models.load import model_identity as identify
 
         model_identity = identify(loaded.spec.model, loaded.dir)
+    own_identities: dict[str, Any] = {}
+    for node in nodes.values():
+        if node.model is not None and node.op.USES_MODEL:
+            from ..models.load import model_identity as identify
+
+            text = node.model.model_dump_json()
+            if text not in own_identities:
+                own_identities[text] = identify(node.model, loaded.dir)
+            node.model_identity = own_identities[text]
     if compute is None and any(n.op.TORCH_COMPUTE for n in nodes.values()):
         from ..exec.compute import local_compute
 
@@ -175,7 +227,8 @@ def rekey(node: Node, loaded: Any, upstream_contents: dict[str, str], model_iden
         inputs["review"] = node.gate.material
     node.material = key_material(
         kind=node.kind, op_version=node.op.VERSION, params=node.params,
-        model=model_identity if node.op.USES_MODEL else None, inputs=inputs, upstream=upstream_contents,
+        model=(node.model_identity or model_identity) if node.op.USES_MODEL else None, inputs=inputs,
+        upstream=upstream_contents,
         compute=compute.for_node(node) if compute is not None else None)
     node.key = cache_key(node.material)
 

@@ -27,7 +27,7 @@ class _Model(BaseModel):
 class ModelSpec(_Model):
     """Which diffusion model runs the steps: ``tiny`` (embedded), a local diffusers folder, or a hub id."""
 
-    base: str = Field("tiny", min_length=1, description="`toy` (embedded, trained on the shapes world), `tiny` (embedded, random weights; `tiny-xl` SDXL-shaped, `tiny-v` SD 2.x-shaped with v-prediction), a local diffusers folder (SD 1.x, SD 2.x or SDXL), or a hub id such as `stabilityai/stable-diffusion-xl-base-1.0`.")
+    base: str = Field("tiny", min_length=1, description="`toy` (embedded, trained on the shapes world), `tiny` (embedded, random weights; `tiny-xl` SDXL-shaped, `tiny-v` SD 2.x-shaped with v-prediction, `tiny-flux` FLUX.1-dev-shaped, `tiny-flux-schnell`), a local diffusers folder (SD 1.x, SD 2.x, SDXL or FLUX.1), or a hub id such as `black-forest-labs/FLUX.1-dev`.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit). Resolved to a commit from the local cache so the cache key never follows a moving name.")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="Weight dtype: `auto` is fp16 on CUDA and fp32 on CPU; the VAE always runs in fp32.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run: `auto` picks CUDA when available.")
@@ -43,19 +43,21 @@ class Sampling(_Model):
 
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Base seed; per-image seeds are derived from it.")
     steps: int | None = Field(None, ge=1, le=1000, description="DDIM steps for a full denoise (SDEdit runs `int(steps*strength)` of them).")
-    guidance_scale: float | None = Field(None, ge=0, le=100, description="Classifier-free guidance scale (1 disables the unconditional pass).")
+    guidance_scale: float | None = Field(None, ge=0, le=100, description="Classifier-free guidance scale (1 disables the unconditional pass); on FLUX.1 the distilled guidance the model embeds.")
+    true_cfg_scale: float | None = Field(None, ge=1, le=100, description="FLUX.1 only: true classifier-free guidance against `negative_prompt`, with a second transformer pass (1 or unset: off).")
     resolution: int | None = Field(None, ge=16, le=4096, multiple_of=8, description="Square image size in pixels; default: the model's native size (64 for `tiny`, 512 for SD 1.x).")
     negative_prompt: str | None = Field(None, description="Text to guide away from (replaces the empty unconditional prompt).")
 
 
 class Defaults(Sampling):
-    """Spec-wide defaults. The paper's values: DDIM, 50 steps, guidance 7.5."""
+    """Spec-wide defaults. Unset, steps and guidance are the model family's: the paper's DDIM, 50 steps and
+    guidance 7.5 on SD 1.x, SD 2.x and SDXL; flow-matching Euler, 28 steps and guidance 3.5 on FLUX.1."""
 
     seed: int = Field(0, ge=0, le=2**63 - 1)
-    steps: int = Field(50, ge=1, le=1000)
-    guidance_scale: float = Field(7.5, ge=0, le=100)
+    steps: int | None = Field(None, ge=1, le=1000)
+    guidance_scale: float | None = Field(None, ge=0, le=100)
     negative_prompt: str = ""
-    scheduler: Literal["ddim"] = Field("ddim", description="Sampler; DDIM is what the paper uses (deterministic, eta 0).")
+    scheduler: Literal["ddim", "flow-euler"] | None = Field(None, description="Sampler: the family's own (`ddim` for SD 1.x/2.x/SDXL, what the paper uses, deterministic, eta 0; `flow-euler` for FLUX.1). Naming another family's is an error.")
 
 
 class RootStep(Sampling):
@@ -79,7 +81,13 @@ def _as_list(value: Any) -> Any:
 
 
 class EditStep(Sampling):
-    """SDEdit variations: noise each source image to `strength`, then denoise guided by each edit prompt."""
+    """Variations of a step's images: SDEdit (noise each source image to `strength` or `noise_level`, then denoise
+    guided by each edit prompt) or instruction edits (`method: instruct`, a FLUX.1 Kontext model)."""
+
+    method: Literal["sdedit", "instruct"] = Field("sdedit", description="`sdedit` (the paper: text-guided SDEdit) or `instruct` (instruction edits such as `make the robot purple`, run as FluxKontextPipeline does; needs a Kontext `model:`).")
+    model: ModelSpec | None = Field(None, description="A model for this step only (e.g. a FLUX.1 Kontext model editing for an SDXL training); it enters only this step's key. Default: the spec's `model`.")
+    noise_level: float | None = Field(None, gt=0, le=1, description="SDEdit start as a noise level matched by signal-to-noise ratio, the same on every family: T means the noise SD 1.x has at timestep T x 1000 (the paper's 0.86). Replaces `strength`, which keeps diffusers' meaning (a far noisier start on FLUX.1).")
+    shows: list[Annotated[str, Field(min_length=1)]] | None = Field(None, description="`method: instruct`: what each instruction's result should show (`a purple robot` for `make the robot purple`), one per prompt; CLIP selection scores candidates against it.")
 
     from_: StepId = Field(alias="from", description="Id of the root or select step whose images are edited.")
     pick: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="Indices of the source's images to edit (default: all).")
@@ -87,10 +95,21 @@ class EditStep(Sampling):
     strength: float = Field(0.86, gt=0, le=1, description="How far to noise the source: 0.86 (the paper) starts 43 of 50 DDIM steps from the end.")
     candidates: int = Field(4, ge=1, le=1024, description="Candidates per edit prompt.")
 
-    @field_validator("prompts", mode="before")
+    @field_validator("prompts", "shows", mode="before")
     @classmethod
     def _prompts_list(cls, value: Any) -> Any:
         return _as_list(value)
+
+    @model_validator(mode="after")
+    def _start(self) -> "EditStep":
+        if self.noise_level is not None and "strength" in self.model_fields_set:
+            raise ValueError("give `strength` (diffusers' meaning) or `noise_level` (matched across families), not both")
+        if self.method == "instruct" and ({"strength", "noise_level"} & self.model_fields_set):
+            raise ValueError("`method: instruct` edits from noise with the image as a reference: "
+                             "`strength` and `noise_level` do not apply")
+        if self.shows is not None and len(self.shows) != len(self.prompts):
+            raise ValueError(f"`shows` needs one text per prompt ({len(self.prompts)}), got {len(self.shows)}")
+        return self
 
     @field_validator("pick", mode="before")
     @classmethod
@@ -100,7 +119,8 @@ class EditStep(Sampling):
 
 TOY_CLIP_MODEL = "caspec-toy-clip"
 TINY_CLIP_MODEL = "caspec-tiny-clip"
-DEFAULT_CLIP = {"toy": TOY_CLIP_MODEL, "tiny": TINY_CLIP_MODEL, "tiny-xl": TINY_CLIP_MODEL, "tiny-v": TINY_CLIP_MODEL}
+DEFAULT_CLIP = {"toy": TOY_CLIP_MODEL, "tiny": TINY_CLIP_MODEL, "tiny-xl": TINY_CLIP_MODEL, "tiny-v": TINY_CLIP_MODEL,
+                "tiny-flux": TINY_CLIP_MODEL, "tiny-flux-schnell": TINY_CLIP_MODEL}
 """CLIP model of `select: by: clip` and `eval` when none is named, per embedded diffusion model (others: ViT-B-32)."""
 _CLIP_MODEL_HELP = ("open_clip model name; default `ViT-B-32`, or with the embedded models `caspec-toy-clip` (`model: toy`; "
                     "shipped, trained on the shapes world) and `caspec-tiny-clip` (`model: tiny`; random weights, for "
@@ -171,10 +191,13 @@ class TrainSettings(_Model):
     lr_lora_text: float = Field(5e-5, gt=0, le=1)
     lora_rank: int = Field(4, ge=1, le=256)
     lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; default: the rank (scale 1).")
-    unet_targets: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1, description="UNet modules "
-                                    "that get LoRA (suffix match; Linear or Conv2d): add `conv1`, `conv2` for the "
-                                    "ResNet convolutions.")
-    text_targets: list[str] = Field(["q_proj", "k_proj", "v_proj", "out_proj"], min_length=1)
+    unet_targets: list[str] | None = Field(None, min_length=1, description="Denoiser modules that get LoRA (suffix "
+                                           "match; Linear or Conv2d). Default: the family's (UNet attention `to_q`, "
+                                           "`to_k`, `to_v`, `to_out.0`; add `conv1`, `conv2` for the ResNet "
+                                           "convolutions; FLUX.1: diffusers' Flux transformer targets).")
+    text_targets: list[str] | None = Field(None, min_length=1, description="Text-encoder modules that get LoRA "
+                                           "(default: CLIP's `q_proj`, `k_proj`, `v_proj`, `out_proj`; FLUX.1's T5 "
+                                           "gets none).")
     batch_size: int = Field(1, ge=1, le=64)
     grad_accum: int = Field(1, ge=1, le=64)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -328,12 +351,24 @@ class Spec(_Model):
                 yield section, step_id, step
 
 
-def sampling_for(spec: Spec, step: Sampling) -> dict[str, Any]:
-    """Resolve a step's sampling settings against the spec defaults (step value wins)."""
+def sampling_for(spec: Spec, step: Sampling, family: Any = None) -> dict[str, Any]:
+    """Resolve a step's sampling settings against the spec defaults (step value wins), then the model family's
+    (``family``: a :class:`caspec.families.base.Family`; None: SD's, the paper's DDIM, 50 steps, guidance 7.5).
+    ``true_cfg_scale`` appears only when set (older keys stay valid)."""
     d = spec.defaults
+    fam = family.sampling_defaults if family is not None else SD_SAMPLING
     out = {}
     for name in ("seed", "steps", "guidance_scale", "resolution", "negative_prompt"):
         value = getattr(step, name)
         out[name] = getattr(d, name) if value is None else value
-    out["scheduler"] = d.scheduler
+        if out[name] is None and name in fam:
+            out[name] = fam[name]
+    out["scheduler"] = d.scheduler or fam["scheduler"]
+    cfg = step.true_cfg_scale if step.true_cfg_scale is not None else d.true_cfg_scale
+    if cfg is not None:
+        out["true_cfg_scale"] = float(cfg)
     return out
+
+
+SD_SAMPLING: dict[str, Any] = {"steps": 50, "guidance_scale": 7.5, "scheduler": "ddim"}
+"""The sampling defaults of SD 1.x, SD 2.x and SDXL (the paper's)."""

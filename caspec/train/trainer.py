@@ -139,9 +139,9 @@ def _check_inputs(pipe: Any, words: list[PseudoWord], items: list[tuple[Image.Im
     if cfg.mixed_precision == "fp16" and pipe.device.type != "cuda":
         raise ValueError("mixed_precision fp16 needs a CUDA device; on the CPU use `no` or `bf16`")
     if cfg.phase2_steps > 0:
-        fmt.check_targets(pipe.denoiser, cfg.unet_targets, f"the {pipe.kind.denoiser}")
-        for comp, _, te in pipe.text_encoders:
-            fmt.check_targets(te, cfg.text_targets, f"the {comp.replace('_', ' ')}")
+        for comp, module in pipe.trained_lora_modules:
+            denoiser = comp == pipe.kind.denoiser
+            fmt.check_targets(module, cfg.unet_targets if denoiser else cfg.text_targets, f"the {comp.replace('_', ' ')}")
     _check_lengths(pipe, words, [c for _, c in items], preview_prompts)
 
 
@@ -291,19 +291,17 @@ class _Trainer:
         key = (k, flipped)
         z = self.latent_cache.get(key)
         if z is None:
-            from ..models.sampling import encode_image
-
             image = self.items[k][0]
             if flipped:
                 image = image.convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            z = encode_image(self.pipe, image, self.resolution).clone()  # out of inference mode
+            z = self.pipe.kind.sampler.encode_image(self.pipe, image, self.resolution).clone()  # out of inference mode
             if self.cfg.cache_latents:
                 self.latent_cache[key] = z
         return z
 
     def _inject_lora(self) -> None:
         cfg = self.cfg
-        for comp, module in self.pipe.lora_modules:
+        for comp, module in self.pipe.trained_lora_modules:
             targets = cfg.unet_targets if comp == self.pipe.kind.denoiser else cfg.text_targets
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(cfg.seed, "lora-init", comp))
@@ -330,7 +328,8 @@ class _Trainer:
             groups = []
         if phase == 2:
             unet_p = self._lora_params(self.pipe.denoiser)
-            text_p = [p for _, _, te in self.pipe.text_encoders for p in self._lora_params(te)]
+            text_p = [p for comp, m in self.pipe.trained_lora_modules if comp != self.pipe.kind.denoiser
+                      for p in self._lora_params(m)]
             if not unet_p or not text_p:
                 raise RuntimeError("LoRA injection produced no trainable parameters")
             groups += [{"params": unet_p, "lr": cfg.lr_lora_unet}, {"params": text_p, "lr": cfg.lr_lora_text}]
@@ -407,7 +406,7 @@ class _Trainer:
             "tokens": list(self.tokens),
             "new_embeddings": {comp: p.detach().to("cpu").clone() for comp, p in self.new_embs.items()},
             "lora": ({comp: {k: v.detach().to("cpu").clone() for k, v in fmt.lora_state_dict(m, self.adapter).items()}
-                      for comp, m in self.pipe.lora_modules}
+                      for comp, m in self.pipe.trained_lora_modules}
                      if self.lora_on else None),
             "optimizer": opt.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -465,7 +464,6 @@ class _Trainer:
     # ------------------------------------------------------------------ previews
 
     def _previews(self, done: int) -> None:
-        from ..models.sampling import txt2img
         from ..ops.images import save_png
 
         if not self.preview_prompts:
@@ -477,7 +475,7 @@ class _Trainer:
         self._set_train(False)
         try:
             with torch.random.fork_rng(devices=[]):
-                images = txt2img(self.pipe, self.preview_prompts, seeds, steps=PREVIEW_STEPS,
+                images = self.pipe.kind.txt2img(self.pipe, self.preview_prompts, seeds, steps=PREVIEW_STEPS,
                                  guidance_scale=PREVIEW_GUIDANCE, resolution=self.resolution)
         finally:
             self._set_train(was_training)
@@ -540,7 +538,7 @@ class _Trainer:
             self.log_records = list(state["log"])
             if state["phase"] == 2:
                 self._inject_lora()
-                for comp, module in self.pipe.lora_modules:
+                for comp, module in self.pipe.trained_lora_modules:
                     device = next(module.parameters()).device
                     fmt.load_lora_state(module, {k: v.to(device) for k, v in state["lora"][comp].items()}, self.adapter)
             if start < self.total and (1 if start < p1 else 2) == state["phase"]:
@@ -612,9 +610,9 @@ class _Trainer:
     def _write_asset(self) -> None:
         lora: dict[str, dict[str, torch.Tensor]] = {}
         if self.lora_on:
-            lora = {comp: fmt.lora_state_dict(m, self.adapter) for comp, m in self.pipe.lora_modules}
+            lora = {comp: fmt.lora_state_dict(m, self.adapter) for comp, m in self.pipe.trained_lora_modules}
         targets = {comp: (self.cfg.unet_targets if comp == self.pipe.kind.denoiser else self.cfg.text_targets)
-                   for comp, _ in self.pipe.lora_modules}
+                   for comp, _ in self.pipe.trained_lora_modules}
         fmt.save_asset(
             self.out_dir,
             tokens=self.tokens,
