@@ -45,7 +45,8 @@ def alphas_cumprod(config: Mapping[str, Any]) -> np.ndarray:
             betas = np.array([min(1 - f[i + 1] / f[i], 0.999) for i in range(n)], dtype=np.float64)
         else:
             raise ValueError(f"beta_schedule {kind!r} is not supported")
-    return np.cumprod(1.0 - betas)
+    # in float32, as diffusers' schedulers keep them (the σ of late steps then agree to ~1e-7)
+    return np.cumprod(1.0 - betas.astype(np.float32), dtype=np.float32).astype(np.float64)
 
 
 def ddim_timesteps(config: Mapping[str, Any], steps: int) -> np.ndarray:
