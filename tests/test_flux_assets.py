@@ -62,6 +62,10 @@ def test_rows_in_clip_and_t5_frozen_rows_and_base_untouched(trained):
     assert set(c for c, s in asset.lora.items() if s) == {"text_encoder", "transformer"}  # no T5 LoRA
     assert all(v.dtype == torch.float32 for s in asset.lora.values() for v in s.values())
     assert summary["final_loss"] is not None and summary["steps"] == 6
+    for comp, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):  # both rows trained
+        init = getattr(base, comp).get_input_embeddings().weight[
+            getattr(base, tok)("dance", add_special_tokens=False).input_ids[0]]
+        assert not torch.allclose(asset.rows("<a1>", comp)[0], init, atol=1e-4), comp
     for comp, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
         old = getattr(base, comp).get_input_embeddings().weight
         new = getattr(pipe, comp).get_input_embeddings().weight
@@ -189,3 +193,44 @@ def test_pure_numpy_schedules_equal_the_schedulers():
                 continue
             start, sigma = F.sdedit_start(cfg["scheduler"], steps, strength, 64, vae_scale_factor=2)
             assert edit_start(families.get("flux"), cfg, steps, 64, strength=strength)[0] == start
+
+
+def test_t5_lora_is_opt_in_and_exported_where_tools_read_it(tmp_path, caspec_cache):
+    """`t5_lora`: phase 2 adapts T5 too; diffusers' Flux loader cannot load that, so the diffusers export says so,
+    while the kohya export carries it as `lora_te3_` and imports back to the same deltas."""
+    from dataclasses import replace
+
+    from safetensors import safe_open
+
+    from caspec.assets.importer import import_asset
+
+    pipe = fresh()
+    train_concept(pipe, WORDS, items(), replace(CFG, t5_lora=True, checkpoint_every=0), tmp_path / "t5",
+                  checkpoint_dir=tmp_path / "t5-ckpt", preview_prompts=[])
+    asset = fmt.load_asset(tmp_path / "t5")
+    assert asset.lora.get("text_encoder_2") and asset.targets["text_encoder_2"] == ["q", "k", "v", "o"]
+    with pytest.raises(ValueError, match="text_encoder_2, which diffusers' FLUX.1 loader cannot load"):
+        export_asset(asset, "diffusers", tmp_path / "d")
+    export_asset(asset, "a1111", tmp_path / "a")
+    with safe_open(str(tmp_path / "a" / "t5.safetensors"), "pt") as fh:
+        assert any(k.startswith("lora_te3_encoder_block_0_layer_0_SelfAttention_q.") for k in fh.keys())
+    back = fmt.load_asset(import_asset(tmp_path / "a", tmp_path / "back"))
+    for key, a in asset.lora["text_encoder_2"].items():
+        if key.endswith("lora_A.weight"):
+            m = key.removesuffix(".lora_A.weight")
+            d0 = asset.lora["text_encoder_2"][f"{m}.lora_B.weight"] @ a
+            d1 = back.lora["text_encoder_2"][f"{m}.lora_B.weight"] @ back.lora["text_encoder_2"][key]
+            assert torch.allclose(d0 * asset.lora_alpha / asset.lora_rank, d1 * back.lora_alpha / back.lora_rank,
+                                  atol=1e-6)
+
+
+def test_training_and_sampling_encode_prompts_alike(caspec_cache):
+    """Training encodes captions through the family (tokenize + FLUX.encode); sampling as FluxPipeline does:
+    the same conditioning."""
+    from caspec.models.text import encode_ids, tokenize
+
+    pipe = load_pipeline(ModelSpec(base="tiny-flux", device="cpu"), Path("."))
+    with torch.no_grad():
+        cond = encode_ids(pipe, tokenize(pipe, ["a photo of a red robot"]))
+        pooled, embeds, _ = F.encode_prompts(pipe, ["a photo of a red robot"])
+    assert torch.equal(cond.pooled, pooled) and torch.equal(cond.embeds, embeds)

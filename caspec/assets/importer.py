@@ -38,7 +38,6 @@ one get ``alpha_layer / alpha`` folded into their ``lora_B``, so every layer's d
 from __future__ import annotations
 
 import collections
-import functools
 import hashlib
 import json
 import re
@@ -48,7 +47,7 @@ from typing import Any, Mapping
 
 from ..fsutil import atomic_write_bytes
 from .. import families
-from ..families.base import TEXT_MODEL
+from ..families.base import TEXT_MODEL, clip_has_text_model
 from .export import BUNDLE_PREFIX, EXPORT_FORMAT, META_KEY, word_for
 from .format import COMPONENTS, EMBEDDINGS_FILE, load_asset, save_asset, write_card
 
@@ -385,23 +384,10 @@ def _peft_pairs(peft: Mapping[str, Any], path: Path) -> dict[str, tuple[Any, Any
 # writing the asset
 
 
-@functools.lru_cache(maxsize=1)
-def _clip_has_text_model() -> bool:
-    """Whether this transformers' CLIPTextModel nests its layers under ``text_model`` (older versions do)."""
-    import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    with torch.random.fork_rng(devices=[]):
-        model = CLIPTextModel(CLIPTextConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                             bos_token_id=0, eos_token_id=1, pad_token_id=1,
-                                             num_attention_heads=1, max_position_embeddings=4, projection_dim=8))
-    return any(n == "text_model" for n, _ in model.named_children())
-
-
 def _te_path(module: str) -> str:
     """A text-encoder module path in this transformers' CLIPTextModel layout."""
     bare = module.removeprefix(TEXT_MODEL)
-    return TEXT_MODEL + bare if _clip_has_text_model() else bare
+    return TEXT_MODEL + bare if clip_has_text_model() else bare
 
 
 def _bare(token: str) -> str:

@@ -15,6 +15,7 @@ This module imports no torch at import time: planning reads families too.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -34,6 +35,19 @@ def read_json(path: Path) -> dict[str, Any]:
 def with_text_model(module: str) -> str:
     """A CLIP text-encoder module path with its ``text_model.`` prefix (the layout other tools expect)."""
     return module if module.startswith(TEXT_MODEL) else TEXT_MODEL + module
+
+
+@functools.lru_cache(maxsize=1)
+def clip_has_text_model() -> bool:
+    """Whether this transformers' ``CLIPTextModel`` nests its layers under ``text_model`` (transformers < 5 does)."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        model = CLIPTextModel(CLIPTextConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                             bos_token_id=0, eos_token_id=1, pad_token_id=1, num_attention_heads=1,
+                                             max_position_embeddings=4, projection_dim=8))
+    return any(n == "text_model" for n, _ in model.named_children())
 
 
 class Family:
@@ -74,9 +88,13 @@ class Family:
         """Components an asset may carry LoRA for, in asset-file order: the text encoders, then the denoiser."""
         return (*self.text_encoders, self.denoiser)
 
-    @property
-    def trained_components(self) -> tuple[str, ...]:
-        """Components phase 2 puts LoRA on (default: all of :attr:`lora_components`)."""
+    def lora_targets(self, component: str, cfg: Any) -> tuple[str, ...]:
+        """The modules of ``component`` that get LoRA under training settings ``cfg`` (``unet_targets`` for the
+        denoiser, ``text_targets`` for the text encoders)."""
+        return tuple(cfg.unet_targets if component == self.denoiser else cfg.text_targets)
+
+    def trained_components(self, cfg: Any = None) -> tuple[str, ...]:
+        """Components phase 2 puts LoRA on for training settings ``cfg`` (default: all of :attr:`lora_components`)."""
         return self.lora_components
 
     def claims(self, folder: Path, index: Mapping[str, Any]) -> bool:
@@ -386,4 +404,4 @@ def converted_module(converted: Mapping[str, Any], name: str = "") -> str:
 
 
 __all__ = ["Family", "UNetFamily", "DiffusionSchedule", "read_json", "with_text_model", "TEXT_MODEL",
-           "pair_dict", "converted_module"]
+           "pair_dict", "converted_module", "clip_has_text_model"]

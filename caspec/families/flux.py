@@ -32,6 +32,7 @@ TRANSFORMER_TARGETS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "
                        "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                        "ff_context.net.2")
 """diffusers' default Flux transformer LoRA targets (``train_dreambooth_lora_flux_advanced.py``)."""
+T5_TARGETS = ("q", "k", "v", "o")  # T5's attention projections (``t5_lora``)
 
 
 class FlowSchedule:
@@ -79,7 +80,6 @@ class FluxFamily(Family):
     title = "FLUX.1"
     denoiser = "transformer"
     text_encoders = ("text_encoder", "text_encoder_2")
-    trained_components = ("text_encoder", "transformer")
     weights = (("text_encoder", "transformers"), ("text_encoder_2", "transformers"), ("transformer", "diffusers"),
                ("vae", "diffusers"))
     embedding_keys = {"text_encoder": "clip_l", "text_encoder_2": "t5"}
@@ -91,6 +91,14 @@ class FluxFamily(Family):
     diffusers_lora_components = ("text_encoder", "transformer")  # FluxLoraLoaderMixin has no T5 LoRA
 
     # ------------------------------------------------------------------ components
+
+    def lora_targets(self, component: str, cfg: Any) -> tuple[str, ...]:
+        """T5's attention projections (``q``, ``k``, ``v``, ``o``) with ``t5_lora``; else as every family."""
+        return T5_TARGETS if component == "text_encoder_2" else super().lora_targets(component, cfg)
+
+    def trained_components(self, cfg: Any = None) -> tuple[str, ...]:
+        """CLIP-L and the transformer; T5 too with ``t5_lora`` (off by default, as diffusers' Flux scripts)."""
+        return self.lora_components if getattr(cfg, "t5_lora", False) else ("text_encoder", "transformer")
 
     def claims(self, folder: Path, index: Mapping[str, Any]) -> bool:
         cls = str(index.get("_class_name", ""))

@@ -69,10 +69,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, NamedTuple
 
+from .base import TEXT_MODEL, clip_has_text_model
+
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2")
 KOHYA_FLUX_PREFIX = {"transformer": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"}
 """Kohya name prefix per FLUX.1 pipeline component (sd-scripts ``lora_flux.py``)."""
-TEXT_MODEL = "text_model."
+
 MLP_RATIO = 4.0
 """diffusers' ``FluxSingleTransformerBlock`` default; ``FluxTransformer2DModel`` does not pass another."""
 
@@ -518,19 +520,6 @@ def _resolve(name: str, clip_prefix: str) -> _Ref | None:
         if name.startswith(prefix):
             return parse(name[len(prefix):])
     return None
-
-
-@functools.lru_cache(maxsize=1)
-def clip_has_text_model() -> bool:
-    """Whether this transformers' ``CLIPTextModel`` nests its layers under ``text_model`` (transformers < 5 does)."""
-    import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    with torch.device("meta"):
-        model = CLIPTextModel(CLIPTextConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                             bos_token_id=0, eos_token_id=1, pad_token_id=1, num_attention_heads=1,
-                                             max_position_embeddings=4, projection_dim=8))
-    return any(n == "text_model" for n, _ in model.named_children())
 
 
 def _group(tensors: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]]:

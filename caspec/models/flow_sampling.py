@@ -49,6 +49,7 @@ import torch
 from PIL import Image
 
 from .prompts import PromptTooLong, prompt_overflow
+from .text import expand_prompt
 
 CPU_BATCH_SIZE = 4
 CUDA_BATCH_SIZE = 4  # FLUX.1 at 1024 px in bf16: to be tuned per GPU memory
@@ -236,30 +237,16 @@ class FluxCond:
         return FluxCond(_pad(self.pooled, size), _pad(self.embeds, size))
 
 
-def expand_prompt(text: str, tokenizer: Any) -> str:
-    """A prompt with each multi-vector textual-inversion token ``t`` spelled ``t t_1 t_2 ...`` (diffusers'
-    ``maybe_convert_prompt``, which the Flux pipelines apply for each tokenizer)."""
-    added = tokenizer.added_tokens_encoder
-    for token in set(tokenizer.tokenize(text)):
-        if token in added:
-            replacement, i = token, 1
-            while f"{token}_{i}" in added:
-                replacement += f" {token}_{i}"
-                i += 1
-            text = text.replace(token, replacement)
-    return text
-
-
 def check_prompt(pipe: Any, text: str, *, what: str = "the prompt",
                  max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> None:
     """Raise :class:`~caspec.models.prompts.PromptTooLong` when ``text`` does not fit T5's
     ``max_sequence_length`` (never a silent cut), or when a pseudo-word falls beyond CLIP's 77 positions.
     Ordinary words beyond CLIP's window are cut as in diffusers: CLIP only gives the pooled summary."""
-    t5 = prompt_overflow(pipe.tokenizer_2, expand_prompt(text, pipe.tokenizer_2),
+    t5 = prompt_overflow(pipe.tokenizer_2, expand_prompt(pipe, text),
                          size=max_sequence_length + 1)  # T5 adds one special token (</s>), not two
     if t5 is not None:
         raise PromptTooLong(f"{what} does not fit T5's {max_sequence_length} tokens: {t5.describe()}", t5)
-    clip = prompt_overflow(pipe.tokenizer, expand_prompt(text, pipe.tokenizer), text_encoder=pipe.text_encoder)
+    clip = prompt_overflow(pipe.tokenizer, expand_prompt(pipe, text), text_encoder=pipe.text_encoder)
     if clip is not None and clip.cut_pseudo_words:
         raise PromptTooLong(f"{what} does not fit CLIP's window: {clip.describe()}", clip)
 
@@ -267,12 +254,12 @@ def check_prompt(pipe: Any, text: str, *, what: str = "the prompt",
 @torch.inference_mode()
 def _encode_one(pipe: Any, text: str, max_sequence_length: int) -> FluxCond:
     """One prompt's conditioning, as ``FluxPipeline.encode_prompt`` computes it."""
-    clip_ids = pipe.tokenizer([expand_prompt(text, pipe.tokenizer)], padding="max_length",
+    clip_ids = pipe.tokenizer([expand_prompt(pipe, text)], padding="max_length",
                               max_length=pipe.tokenizer.model_max_length, truncation=True,
                               return_tensors="pt").input_ids
     pooled = pipe.text_encoder(clip_ids.to(pipe.device), output_hidden_states=False).pooler_output
     pooled = pooled.to(dtype=pipe.text_encoder.dtype, device=pipe.device)
-    t5_ids = pipe.tokenizer_2([expand_prompt(text, pipe.tokenizer_2)], padding="max_length",
+    t5_ids = pipe.tokenizer_2([expand_prompt(pipe, text)], padding="max_length",
                               max_length=max_sequence_length, truncation=True, return_tensors="pt").input_ids
     embeds = pipe.text_encoder_2(t5_ids.to(pipe.device), output_hidden_states=False)[0]
     embeds = embeds.to(dtype=pipe.text_encoder_2.dtype, device=pipe.device)
@@ -583,6 +570,6 @@ def instruct_edit(
 
 __all__ = ["CPU_BATCH_SIZE", "CUDA_BATCH_SIZE", "PAD_BATCHES", "MAX_SEQUENCE_LENGTH", "FluxCond", "vae_scale_factor",
            "default_batch_size", "image_seq_len", "calculate_shift", "sdedit_start", "pack_latents", "unpack_latents",
-           "image_ids", "initial_noise", "expand_prompt", "check_prompt", "encode_prompts", "text_ids",
+           "image_ids", "initial_noise", "check_prompt", "encode_prompts", "text_ids",
            "image_to_tensor", "encode_image", "decode_latents", "txt2img", "sdedit", "kontext_reference_size",
            "instruct_edit"]

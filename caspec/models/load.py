@@ -403,10 +403,10 @@ class Pipe:
         """``(component, module)`` for every component LoRA can adapt: the text encoders, then the denoiser."""
         return [(comp, getattr(self, comp)) for comp in self.kind.lora_components]
 
-    @property
-    def trained_lora_modules(self) -> list[tuple[str, Any]]:
-        """``(component, module)`` that phase 2 puts LoRA on (FLUX.1: not T5)."""
-        return [(comp, getattr(self, comp)) for comp in self.kind.trained_components]
+    def trained_lora_modules(self, cfg: Any = None) -> list[tuple[str, Any]]:
+        """``(component, module)`` that phase 2 puts LoRA on with training settings ``cfg`` (FLUX.1: T5 only
+        with ``t5_lora``)."""
+        return [(comp, getattr(self, comp)) for comp in self.kind.trained_components(cfg)]
 
     @property
     def vae_scale_factor(self) -> int:

@@ -14,6 +14,7 @@ that made the asset, like its timings: a cached asset keeps those of its run, an
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 from ..environment import library_versions
@@ -106,10 +107,12 @@ def _check_targets(ctx: RunContext, pipe: Any, train: dict[str, Any]) -> None:
     from ..assets.format import check_targets
 
     where = ctx.extra.get("where", lambda *path: "")
-    checks = [("unet_targets" if comp == pipe.kind.denoiser else "text_targets", module,
-               f"the {comp.replace('_', ' ') if comp != 'unet' else 'UNet'}") for comp, module in pipe.trained_lora_modules]
-    for field, module, what in checks:
-        for i, target in enumerate(train[field]):
+    cfg = SimpleNamespace(**train)
+    checks = [("unet_targets" if comp == pipe.kind.denoiser else "text_targets", comp, module,
+               f"the {comp.replace('_', ' ') if comp != 'unet' else 'UNet'}")
+              for comp, module in pipe.trained_lora_modules(cfg)]
+    for field, comp, module, what in checks:
+        for i, target in enumerate(pipe.kind.lora_targets(comp, cfg)):
             try:
                 check_targets(module, [target], what)
             except ValueError as exc:

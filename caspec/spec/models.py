@@ -212,6 +212,7 @@ class TrainSettings(_Model):
     preview_every: int = Field(0, ge=0, description="Render previews every N steps (0: only at the end).")
     cache_latents: bool = Field(True, description="VAE-encode each image once rather than every step.")
     flip: bool = Field(False, description="Random horizontal flips (augmentation).")
+    t5_lora: bool = Field(False, description="FLUX.1: phase 2 also puts LoRA on T5 (off by default, as diffusers' Flux scripts; diffusers' Flux loader cannot load a T5 LoRA, the `a1111`/`bundle` exports carry it as kohya's `lora_te3_`, which ComfyUI and Forge read).")
 
     @model_validator(mode="after")
     def _some_steps(self) -> "TrainSettings":

@@ -74,6 +74,7 @@ class TrainConfig:
     preview_every: int = 0  # optimizer steps; 0 = only at the end
     cache_latents: bool = True  # VAE-encode each training image once instead of every step
     flip: bool = False  # random horizontal flips (augmentation)
+    t5_lora: bool = False  # FLUX.1: phase 2 also puts LoRA on T5 (diffusers' Flux loader cannot load it)
 
     def __post_init__(self) -> None:
         # accept lists (from YAML/JSON) for the target tuples
@@ -145,7 +146,7 @@ NON_NUMERIC_SETTINGS = frozenset({"checkpoint_every", "preview_every"})
 
 # settings added after keys were first published, with the default they had implicitly before: at that
 # value they are left out of cache keys and checkpoint fingerprints, so older keys stay valid
-LATER_SETTINGS = {"timestep_sampling": "uniform"}
+LATER_SETTINGS = {"timestep_sampling": "uniform", "t5_lora": False}
 
 
 def keyed_settings(settings: dict[str, Any]) -> dict[str, Any]:

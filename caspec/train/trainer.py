@@ -139,9 +139,8 @@ def _check_inputs(pipe: Any, words: list[PseudoWord], items: list[tuple[Image.Im
     if cfg.mixed_precision == "fp16" and pipe.device.type != "cuda":
         raise ValueError("mixed_precision fp16 needs a CUDA device; on the CPU use `no` or `bf16`")
     if cfg.phase2_steps > 0:
-        for comp, module in pipe.trained_lora_modules:
-            denoiser = comp == pipe.kind.denoiser
-            fmt.check_targets(module, cfg.unet_targets if denoiser else cfg.text_targets, f"the {comp.replace('_', ' ')}")
+        for comp, module in pipe.trained_lora_modules(cfg):
+            fmt.check_targets(module, pipe.kind.lora_targets(comp, cfg), f"the {comp.replace('_', ' ')}")
     _check_lengths(pipe, words, [c for _, c in items], preview_prompts)
 
 
@@ -236,7 +235,11 @@ class _Trainer:
             lut = torch.full((weight.shape[0],), -1, dtype=torch.long)
             lut[torch.tensor(self.new_ids[comp])] = torch.arange(len(self.new_ids[comp]))
             self.luts[comp] = lut.to(weight.device)
-            self.hooks.append(emb_layer.register_forward_hook(self._splicer(comp)))
+            # every module that looks rows up in this table: T5EncoderModel's forward uses `encoder.embed_tokens`,
+            # which shares the weight of `shared` (get_input_embeddings) but is another module
+            for layer in te.modules():
+                if isinstance(layer, torch.nn.Embedding) and layer.weight is weight:
+                    self.hooks.append(layer.register_forward_hook(self._splicer(comp)))
 
         # captions -> ids per encoder (their length was checked: nothing is cut), each pseudo-word one token
         from ..models.text import expand_prompt, tokenize
@@ -260,8 +263,9 @@ class _Trainer:
 
         if cfg.gradient_checkpointing:
             pipe.denoiser.enable_gradient_checkpointing()
-            enable = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
-            enable()
+            for _, _, te in pipe.text_encoders:
+                enable = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
+                enable()
 
         use_cuda = self.device.type == "cuda"
         self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
@@ -301,8 +305,8 @@ class _Trainer:
 
     def _inject_lora(self) -> None:
         cfg = self.cfg
-        for comp, module in self.pipe.trained_lora_modules:
-            targets = cfg.unet_targets if comp == self.pipe.kind.denoiser else cfg.text_targets
+        for comp, module in self.pipe.trained_lora_modules(cfg):
+            targets = self.pipe.kind.lora_targets(comp, cfg)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(derive_seed(cfg.seed, "lora-init", comp))
                 fmt.inject_lora(module, fmt.lora_config(cfg.lora_rank, cfg.lora_alpha, targets), self.adapter,
@@ -328,7 +332,7 @@ class _Trainer:
             groups = []
         if phase == 2:
             unet_p = self._lora_params(self.pipe.denoiser)
-            text_p = [p for comp, m in self.pipe.trained_lora_modules if comp != self.pipe.kind.denoiser
+            text_p = [p for comp, m in self.pipe.trained_lora_modules(cfg) if comp != self.pipe.kind.denoiser
                       for p in self._lora_params(m)]
             if not unet_p or not text_p:
                 raise RuntimeError("LoRA injection produced no trainable parameters")
@@ -406,7 +410,7 @@ class _Trainer:
             "tokens": list(self.tokens),
             "new_embeddings": {comp: p.detach().to("cpu").clone() for comp, p in self.new_embs.items()},
             "lora": ({comp: {k: v.detach().to("cpu").clone() for k, v in fmt.lora_state_dict(m, self.adapter).items()}
-                      for comp, m in self.pipe.trained_lora_modules}
+                      for comp, m in self.pipe.trained_lora_modules(self.cfg)}
                      if self.lora_on else None),
             "optimizer": opt.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -538,7 +542,7 @@ class _Trainer:
             self.log_records = list(state["log"])
             if state["phase"] == 2:
                 self._inject_lora()
-                for comp, module in self.pipe.trained_lora_modules:
+                for comp, module in self.pipe.trained_lora_modules(cfg):
                     device = next(module.parameters()).device
                     fmt.load_lora_state(module, {k: v.to(device) for k, v in state["lora"][comp].items()}, self.adapter)
             if start < self.total and (1 if start < p1 else 2) == state["phase"]:
@@ -589,9 +593,9 @@ class _Trainer:
                         self.new_embs[comp].detach().to(weight.device, weight.dtype)
         if self.cfg.gradient_checkpointing:
             self.pipe.denoiser.disable_gradient_checkpointing()
-            disable = (getattr(self.pipe.text_encoder, "activation_checkpointing_disable", None)
-                       or self.pipe.text_encoder.gradient_checkpointing_disable)
-            disable()
+            for _, _, te in self.pipe.text_encoders:
+                disable = getattr(te, "activation_checkpointing_disable", None) or te.gradient_checkpointing_disable
+                disable()
         self._set_train(False)
         for _, module in self.pipe.lora_modules:
             for p in module.parameters():
@@ -610,9 +614,8 @@ class _Trainer:
     def _write_asset(self) -> None:
         lora: dict[str, dict[str, torch.Tensor]] = {}
         if self.lora_on:
-            lora = {comp: fmt.lora_state_dict(m, self.adapter) for comp, m in self.pipe.trained_lora_modules}
-        targets = {comp: (self.cfg.unet_targets if comp == self.pipe.kind.denoiser else self.cfg.text_targets)
-                   for comp, _ in self.pipe.trained_lora_modules}
+            lora = {comp: fmt.lora_state_dict(m, self.adapter) for comp, m in self.pipe.trained_lora_modules(self.cfg)}
+        targets = {comp: self.pipe.kind.lora_targets(comp, self.cfg) for comp, _ in self.pipe.trained_lora_modules(self.cfg)}
         fmt.save_asset(
             self.out_dir,
             tokens=self.tokens,
