@@ -52,7 +52,9 @@ def _store_for(loaded: Any | None, store: str | None) -> Any:
     return open_store(loaded.dir / ".caspec")
 
 
-def _load(spec: str) -> Any:
+def _load(spec: str, contained: bool | None = None) -> Any:
+    """Load SPEC (or a recipe's spec, unpacked beside it). A contained load (``--contained``; by default for a
+    recipe) refuses any path that leaves the spec's folder (:mod:`caspec.spec.contain`)."""
     from .spec.load import load_spec
 
     if spec.endswith(".recipe.tar.gz") and os.path.isfile(spec):  # a recipe: its spec, unpacked beside it
@@ -60,8 +62,13 @@ def _load(spec: str) -> Any:
 
         path = open_recipe(Path(spec))
         _err(f"recipe: {os.path.relpath(path)}")
-        return load_spec(path)
-    return load_spec(spec)
+        return load_spec(path, contained=True if contained is None else contained)
+    return load_spec(spec, contained=bool(contained))
+
+
+contained_option = click.option(
+    "--contained/--not-contained", default=None,
+    help="Refuse any path the spec reads or writes outside its own folder (default: on for a recipe, off for a spec).")
 
 
 store_option = click.option("--store", metavar="DIR|URL", help="Store directory or URL such as s3://bucket/prefix "
@@ -119,11 +126,12 @@ def main() -> None:
 @click.option("--junit", "junit_xml", metavar="FILE.xml", help="Write each step and eval gate as a JUnit testcase.")
 @click.option("--frozen", is_flag=True, help="Fail (exit 4) if anything differs from SPEC.lock, or a step would "
               "run whose outputs the lock does not hold; a step whose new outputs differ from the lock fails.")
+@contained_option
 @executor_options
 @_guard
 def run(spec: str, store: str | None, only: tuple[str, ...], until: tuple[str, ...], force: tuple[str, ...],
-        dry_run: bool, report_md: str | None, junit_xml: str | None, frozen: bool, executor: str,
-        ray_address: str | None, threads: int | None, resources: tuple[str, ...]) -> int:
+        dry_run: bool, report_md: str | None, junit_xml: str | None, frozen: bool, contained: bool | None,
+        executor: str, ray_address: str | None, threads: int | None, resources: tuple[str, ...]) -> int:
     """Run SPEC: execute every step that is not cached, in dependency order.
 
     With `--executor ray`, every step whose upstream is done runs at once as a Ray task."""
@@ -131,7 +139,7 @@ def run(spec: str, store: str | None, only: tuple[str, ...], until: tuple[str, .
     from .exec.runner import run as run_spec
     from .plan.graph import make_plan
 
-    loaded = _load(spec)
+    loaded = _load(spec, contained)
     the_store = _store_for(loaded, store)
     the_executor = _executor(executor, ray_address, threads, resources)
     the_plan, locked = None, None
@@ -193,10 +201,11 @@ def _report_run(summary: Any, loaded: Any, dry_run: bool) -> None:
 @click.argument("spec", type=click.Path(dir_okay=False))
 @store_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (a list of steps).")
+@contained_option
 @executor_options
 @_guard
-def plan(spec: str, store: str | None, as_json: bool, executor: str, ray_address: str | None,
-         threads: int | None, resources: tuple[str, ...]) -> int:
+def plan(spec: str, store: str | None, as_json: bool, contained: bool | None, executor: str,
+         ray_address: str | None, threads: int | None, resources: tuple[str, ...]) -> int:
     """Show each step of SPEC: key, status (cached, run, awaiting-review, blocked) and why.
 
     A key shown as `~abc...` is provisional: the step runs after an upstream step, and its key follows
@@ -204,7 +213,7 @@ def plan(spec: str, store: str | None, as_json: bool, executor: str, ray_address
     """
     from .plan.graph import make_plan
 
-    loaded = _load(spec)
+    loaded = _load(spec, contained)
     the_store = _store_for(loaded, store)
     the_executor = _executor(executor, ray_address, threads, resources)
     try:
@@ -233,10 +242,11 @@ def _print_plan(the_plan: Any) -> None:
 @click.argument("spec", type=click.Path(dir_okay=False))
 @store_option
 @click.option("--check", is_flag=True, help="Write nothing; exit 0 if SPEC.lock is current, 4 if not.")
+@contained_option
 @executor_options
 @_guard
-def lock(spec: str, store: str | None, check: bool, executor: str, ray_address: str | None,
-         threads: int | None, resources: tuple[str, ...]) -> int:
+def lock(spec: str, store: str | None, check: bool, contained: bool | None, executor: str,
+         ray_address: str | None, threads: int | None, resources: tuple[str, ...]) -> int:
     """Write SPEC.lock: the environment, model, inputs, review decisions and every step's key and outputs.
 
     \b
@@ -248,7 +258,7 @@ def lock(spec: str, store: str | None, check: bool, executor: str, ray_address: 
     from .lock import build_lock, check_current, lock_path, write_lock
     from .plan.graph import make_plan
 
-    loaded = _load(spec)
+    loaded = _load(spec, contained)
     the_store = _store_for(loaded, store)
     the_executor = _executor(executor, ray_address, threads, resources)
     try:
@@ -350,15 +360,16 @@ def unpack(archive: str, target: str | None) -> int:
 
 @main.command()
 @click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@contained_option
 @_guard
-def validate(specs: tuple[str, ...]) -> int:
+def validate(specs: tuple[str, ...], contained: bool | None) -> int:
     """Check SPECS for errors without running anything."""
     from .errors import SpecError
 
     failed = 0
     for spec in specs:
         try:
-            _load(spec)
+            _load(spec, contained)
             click.echo(f"{spec}: ok")
         except SpecError as exc:
             _err(exc.render())
@@ -501,7 +512,11 @@ def assets_catalog(folder: str | None, spec: str | None, out: str, store: str | 
     else:
         infos, title = folder_assets(Path(folder)), Path(folder).resolve().name
     target = Path(out)
-    entries = [entry_for(info, metrics.get(info.name), target) for info in infos]
+    try:
+        entries = [entry_for(info, metrics.get(info.name), target) for info in infos]
+    except ValueError as exc:
+        raise UsageError(str(exc), hint="re-export or re-import the asset with caspec; hand-edited cards must keep "
+                         "pseudo-words as <letters, digits, _ . ->") from None
     json_path, html_path = write_catalog(entries, target, title=f"caspec assets: {title}")
     click.echo(os.path.relpath(html_path))
     _err(f"{len(entries)} asset(s); {os.path.relpath(json_path)}")

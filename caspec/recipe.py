@@ -8,15 +8,20 @@ byte-for-byte reproducible (sorted members, zero times and owners).
 
 Unpacking trusts nothing: an absolute path, a ``..`` part, any link, a device or other special file, a
 member over :data:`MAX_MEMBER_BYTES` or a recipe over :data:`MAX_TOTAL_BYTES` or :data:`MAX_MEMBERS` is
-refused with a :class:`~caspec.errors.RecipeError` before anything is written; extraction then uses
-tarfile's ``data`` filter as a second guard, and each file is checked against ``recipe.json``.
+refused with a :class:`~caspec.errors.RecipeError` as its header is read (headers are streamed, so a recipe of
+millions of empty members costs nothing) and before anything is written; extraction then uses tarfile's
+``data`` filter as a second guard, into a temporary folder where each file is checked against ``recipe.json``
+before the folder becomes the target: a failed unpack leaves nothing behind.
 """
 from __future__ import annotations
 
 import gzip
 import io
 import json
+import os
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -97,7 +102,11 @@ def check_member(info: tarfile.TarInfo, *, max_bytes: int = MAX_MEMBER_BYTES) ->
 
 def unpack(archive: Path, target: Path, *, max_member_bytes: int = MAX_MEMBER_BYTES,
            max_total_bytes: int = MAX_TOTAL_BYTES) -> Path:
-    """Unpack ``archive`` into ``target`` (created; must be empty if it exists). Returns the spec's path."""
+    """Unpack ``archive`` into ``target`` (created; must be empty if it exists). Returns the spec's path.
+
+    Members are read one header at a time and refused as soon as one breaks a rule or a limit is passed;
+    the files are extracted into a temporary folder beside ``target`` and checked against ``recipe.json``
+    there, and only a verified folder becomes ``target``: on any failure nothing is left behind."""
     if target.exists() and any(target.iterdir()):
         raise RecipeError(f"`{target}` is not empty", hint="unpack into a new folder")
     try:
@@ -105,16 +114,7 @@ def unpack(archive: Path, target: Path, *, max_member_bytes: int = MAX_MEMBER_BY
     except (OSError, tarfile.TarError) as exc:
         raise RecipeError(f"{archive}: not a recipe ({exc})") from None
     with tar:
-        try:
-            members = tar.getmembers()
-        except (OSError, tarfile.TarError, EOFError) as exc:
-            raise RecipeError(f"{archive}: a damaged archive ({exc})") from None
-        if len(members) > MAX_MEMBERS:
-            raise RecipeError(f"{archive}: {len(members)} members, over the limit of {MAX_MEMBERS}")
-        for info in members:
-            check_member(info, max_bytes=max_member_bytes)
-        if sum(m.size for m in members) > max_total_bytes:
-            raise RecipeError(f"{archive}: over the limit of {max_total_bytes} bytes unpacked")
+        members = _members(tar, archive, max_member_bytes, max_total_bytes)
         names = {m.name for m in members}
         if "recipe.json" not in names:
             raise RecipeError(f"{archive}: no recipe.json", hint="write recipes with `caspec pack`")
@@ -122,10 +122,39 @@ def unpack(archive: Path, target: Path, *, max_member_bytes: int = MAX_MEMBER_BY
         extra = names - set(manifest["files"]) - {"recipe.json"}
         if extra:
             raise RecipeError(f"{archive}: members not listed in recipe.json: {', '.join(sorted(extra)[:3])}")
-        target.mkdir(parents=True, exist_ok=True)
-        tar.extractall(target, filter="data")
-    _verify(target, manifest, archive)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.unpack-", dir=target.parent))
+        try:
+            tar.extractall(tmp, members=members, filter="data")
+            _verify(tmp, manifest, archive)
+            if target.exists():
+                target.rmdir()  # empty (checked above)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return target / manifest["spec"]
+
+
+def _members(tar: tarfile.TarFile, archive: Path, max_member_bytes: int, max_total_bytes: int) -> list[tarfile.TarInfo]:
+    """The archive's members, read header by header and checked as they come: the first bad member, the
+    :data:`MAX_MEMBERS` + 1-th member or the byte that passes ``max_total_bytes`` stops the reading."""
+    members: list[tarfile.TarInfo] = []
+    total = 0
+    try:
+        while True:
+            info = tar.next()
+            if info is None:
+                return members
+            if len(members) >= MAX_MEMBERS:
+                raise RecipeError(f"{archive}: more than {MAX_MEMBERS} members, over the limit")
+            check_member(info, max_bytes=max_member_bytes)
+            total += info.size
+            if total > max_total_bytes:
+                raise RecipeError(f"{archive}: over the limit of {max_total_bytes} bytes unpacked")
+            members.append(info)
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        raise RecipeError(f"{archive}: a damaged archive ({exc})") from None
 
 
 def _read_manifest(tar: tarfile.TarFile, archive: Path) -> dict[str, Any]:

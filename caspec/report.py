@@ -8,7 +8,9 @@ or gate carries its message and hint in ``<failure>``; a step stopped by a revie
 """
 from __future__ import annotations
 
+import html
 import os
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -58,7 +60,7 @@ def markdown(summary: Any, store: Any, report_path: Path, *, thumbnails: int = 8
         lines += ["", "## Eval gates", "", "| eval | asset | metric | value | gate | |", "|---|---|---|---:|---:|---|"]
         for g in gates:
             value = "n/a" if g["value"] is None else f"{g['value']:.3f}"
-            lines.append(f"| `{g['step']}` | {g['group'] or '-'} | {g['metric']} | {value} | ≥ {g['bar']} | "
+            lines.append(f"| `{g['step']}` | {_cell(g['group'] or '-')} | {g['metric']} | {value} | ≥ {g['bar']} | "
                          f"{'✅' if g['passed'] else '❌'} |")
     shots = _compose_images(summary, store, report_path)
     if shots:
@@ -87,11 +89,22 @@ def _compose_images(summary: Any, store: Any, report_path: Path) -> dict[str, li
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """``text`` safe in a markdown table cell: no raw HTML, code spans or column breaks; one line."""
+    text = html.escape(_printable(text), quote=False).replace("`", "&#96;").replace("|", "\\|")
+    return " ".join(text.split())
+
+
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff\ufffe\uffff]")
+
+
+def _printable(text: Any) -> str:
+    """``text`` with characters XML 1.0 cannot hold (control characters, lone surrogates) written as ``\\xNN``."""
+    return _NOT_XML.sub(lambda m: f"\\x{ord(m.group(0)):02x}" if ord(m.group(0)) < 256 else f"\\u{ord(m.group(0)):04x}",
+                        str(text))
 
 
 def _attr(text: str) -> str:
-    return text.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
+    return html.escape(_printable(text), quote=True)
 
 
 def junit(summary: Any, store: Any) -> str:
@@ -108,21 +121,21 @@ def junit(summary: Any, store: Any) -> str:
         total += o.seconds
         if o.status in ("failed", "differs-from-lock"):
             failures += 1
-            fail = ET.SubElement(case, "failure", message=o.message, type=o.status)
-            fail.text = o.message + (f"\nhint: {o.hint}" if o.hint else "")
+            fail = ET.SubElement(case, "failure", message=_printable(o.message), type=o.status)
+            fail.text = _printable(o.message + (f"\nhint: {o.hint}" if o.hint else ""))
         elif o.status in ("awaiting-review", "blocked"):
             skipped += 1
-            ET.SubElement(case, "skipped", message=f"{o.status}: {o.message}")
+            ET.SubElement(case, "skipped", message=_printable(f"{o.status}: {o.message}"))
     for g in eval_gates(summary, store):
         name = f"{g['step']}: {g['group'] or 'all'} {g['metric']} >= {g['bar']}"
-        case = ET.SubElement(suite, "testcase", classname="caspec.eval-gate", name=name, time="0")
+        case = ET.SubElement(suite, "testcase", classname="caspec.eval-gate", name=_printable(name), time="0")
         tests += 1
         if not g["passed"]:
             failures += 1
             message = (f"{g['metric']} {g['value']:.3f} < {g['bar']}" if g["value"] is not None
                        else f"step `{g['step']}` failed: {g.get('note', '')}")
-            fail = ET.SubElement(case, "failure", message=message, type="eval-gate")
-            fail.text = message + "\nhint: lower the gate in the spec or improve the asset"
+            fail = ET.SubElement(case, "failure", message=_printable(message), type="eval-gate")
+            fail.text = _printable(message + "\nhint: lower the gate in the spec or improve the asset")
     suite.set("tests", str(tests))
     suite.set("failures", str(failures))
     suite.set("errors", "0")

@@ -46,26 +46,47 @@ def entry_for(info: Any, metrics: dict[str, Any] | None, out: Path) -> dict[str,
 
 
 def usage(name: str, tokens: list[str], base: str | None) -> dict[str, str]:
-    """Snippets that use the asset: in diffusers, and in A1111 / ComfyUI (after ``caspec export``)."""
+    """Snippets that use the asset: in diffusers, and in A1111 / ComfyUI (after ``caspec export``).
+
+    They run as written and carry nothing but code of their own: every value they embed is quoted as a
+    Python string literal (the asset's name in the comments too), pseudo-words must follow the one grammar
+    (:data:`caspec.spec.models.TOKEN`, else ``ValueError``), and an embedded model is named by the folder
+    caspec built for it (``from_pretrained("toy")`` would look for a hub repository)."""
+    from ..spec.models import TOKEN, is_pseudo_word
+
+    bad = [t for t in tokens if not is_pseudo_word(t)]
+    if bad:
+        raise ValueError(f"asset {name!r}: pseudo-word {bad[0]!r} does not follow the grammar {TOKEN}; "
+                         "its card was edited or not written by caspec")
     adapter = adapter_name_for(name)
     plain = " ".join(t.strip("<>") for t in tokens)
+    folder = f"{adapter}-diffusers"
     diffusers = "\n".join([
-        f"# caspec export {name} --format diffusers --out {adapter}-diffusers",
+        f"# caspec export {json.dumps(name)} --format diffusers --out {folder}",
         "from pathlib import Path",
         "from diffusers import StableDiffusionPipeline",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{base or "BASE_MODEL"}")',
-        f'pipe.load_lora_weights("{adapter}-diffusers", adapter_name="{adapter}")',
-        f'pipe.load_textual_inversion([str(p) for p in sorted(Path("{adapter}-diffusers").glob("*.safetensors"))',
-        '                             if p.name != "pytorch_lora_weights.safetensors"])',
-        f'pipe.set_adapters(["{adapter}"], adapter_weights=[0.8])',
-        f'image = pipe("a photo of {" ".join(tokens)}").images[0]',
+        f"pipe = StableDiffusionPipeline.from_pretrained({_model_literal(base)})",
+        f"pipe.load_lora_weights({folder!r}, adapter_name={adapter!r})",
+        f"pipe.load_textual_inversion([str(p) for p in sorted(Path({folder!r}).glob('*.safetensors'))",
+        "                             if p.name != 'pytorch_lora_weights.safetensors'])",
+        f"pipe.set_adapters([{adapter!r}], adapter_weights=[0.8])",
+        f"image = pipe({'a photo of ' + ' '.join(tokens)!r}).images[0]",
     ])
     a1111 = "\n".join([
-        f"# caspec export {name} --format a1111 --out {adapter}-a1111",
+        f"# caspec export {json.dumps(name)} --format a1111 --out {adapter}-a1111",
         "# copy the word files to embeddings/ and the LoRA to models/Lora/, then prompt:",
         f"a photo of {plain} <lora:{adapter}:0.8>",
     ])
     return {"diffusers": diffusers, "a1111": a1111}
+
+
+def _model_literal(base: str | None) -> str:
+    """The base model as a Python string literal: an embedded model's built folder, else the name as given."""
+    if not base:
+        return repr("BASE_MODEL")
+    from ..models.load import EMBEDDED, embedded_folder
+
+    return repr(str(embedded_folder(base))) if base in EMBEDDED else repr(str(base))
 
 
 def spec_metrics(loaded: Any, store: Any) -> dict[str, dict[str, Any]]:

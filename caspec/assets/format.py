@@ -278,6 +278,12 @@ def load_asset(path: str | Path, *, name: str | None = None) -> Asset:
         encoders = list(json.loads(emb_meta.get("encoders", '["text_encoder"]')))
     except (KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"{emb_path}: bad header metadata ({exc})") from None
+    from ..spec.models import TOKEN, is_pseudo_word
+
+    bad = [t for t in tokens if not is_pseudo_word(t)]
+    if bad:
+        raise ValueError(f"{emb_path}: pseudo-word {bad[0]!r} in the header does not follow the grammar {TOKEN} "
+                         "(angle brackets around letters, digits, `_`, `.`, `-`)")
     family = emb_meta.get("family", "sd1")
     tables: dict[str, dict[str, Any]] = {}
     if version == "1":

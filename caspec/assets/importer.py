@@ -276,17 +276,22 @@ def _embedding_family(keys: Any) -> Any:
                 None)
 
 
+def _adapter_metadata(path: Path, meta: Mapping[str, str]) -> dict[str, Any]:
+    """diffusers' ``lora_adapter_metadata`` header entry (``{"unet.r": 4, "unet.lora_alpha": 8.0, ...}``), or {}."""
+    raw = meta.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        return dict(json.loads(raw))
+    except (ValueError, TypeError):
+        raise ValueError(f"{path}: unreadable lora_adapter_metadata header entry") from None
+
+
 def _read_family_lora(path: Path, tensors: Mapping[str, Any], meta: Mapping[str, str], info: dict[str, Any],
                       found: _Found, family: Any) -> bool:
     """A LoRA file (maybe with bundled embeddings) of a family that reads its own files (FLUX.1's naming styles);
     False when the family leaves it to the kohya / diffusers readers."""
-    adapter: dict[str, Any] = {}
-    raw = meta.get("lora_adapter_metadata")
-    if raw:
-        try:
-            adapter = dict(json.loads(raw))
-        except ValueError:
-            raise ValueError(f"{path}: unreadable lora_adapter_metadata header entry") from None
+    adapter = _adapter_metadata(path, meta)
     default_alpha = {k.removesuffix(".lora_alpha"): float(v) for k, v in adapter.items() if k.endswith(".lora_alpha")}
     lora = {k: v for k, v in tensors.items() if not k.startswith(BUNDLE_PREFIX)}
     try:
@@ -326,13 +331,7 @@ def _read_diffusers_lora(path: Path, tensors: Mapping[str, Any], meta: Mapping[s
     from diffusers.utils.state_dict_utils import (StateDictType, convert_state_dict_to_diffusers,
                                                   convert_state_dict_to_peft, convert_unet_state_dict_to_peft)
 
-    adapter: dict[str, Any] = {}
-    raw = meta.get("lora_adapter_metadata")
-    if raw:
-        try:
-            adapter = dict(json.loads(raw))
-        except ValueError:
-            raise ValueError(f"{path}: unreadable lora_adapter_metadata header entry") from None
+    adapter = _adapter_metadata(path, meta)
     for comp in COMPONENTS:
         part = {k.removeprefix(f"{comp}."): v for k, v in tensors.items() if k.startswith(f"{comp}.")}
         if not part:
@@ -447,6 +446,14 @@ def _write(found: _Found, src: Path, out: Path, renames: dict[str, str]) -> Path
                          f"(found: {sorted({e[6] for e in entries} | {e[5] for e in entries if e[5]})})")
     entries.sort(key=lambda e: (e[0], e[1]))
     toks = [e[1] for e in entries]
+    from ..spec.models import TOKEN, is_pseudo_word
+
+    for e in entries:
+        if not is_pseudo_word(e[1]):
+            raise ValueError(f"{src}: pseudo-word {e[1]!r} (from {e[6]!r}) does not follow the grammar {TOKEN} "
+                             "(angle brackets around letters, digits, `_`, `.`, `-`): refused, it could carry code into "
+                             "snippets and prompts; rename it with import_asset(..., tokens={found: new})")
+
     dup = sorted({t for t in toks if toks.count(t) > 1})
     if dup:
         raise ValueError(f"{src}: pseudo-word(s) {dup} found twice; rename one with tokens=")

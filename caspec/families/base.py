@@ -32,6 +32,19 @@ def read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def config_value(cfg: Any, key: str, default: Any = KeyError, *, what: str = "model config") -> Any:
+    """A value from a config given as a mapping (a parsed ``config.json``) or an attribute namespace
+    (``unet.config``); ``ValueError`` naming ``what`` when it is missing and no default is given."""
+    if isinstance(cfg, Mapping):
+        if key in cfg:
+            return cfg[key]
+    elif hasattr(cfg, key):
+        return getattr(cfg, key)
+    if default is KeyError:
+        raise ValueError(f"{what} has no {key!r}")
+    return default
+
+
 def with_text_model(module: str) -> str:
     """A CLIP text-encoder module path with its ``text_model.`` prefix (the layout other tools expect)."""
     return module if module.startswith(TEXT_MODEL) else TEXT_MODEL + module
@@ -404,4 +417,4 @@ def converted_module(converted: Mapping[str, Any], name: str = "") -> str:
 
 
 __all__ = ["Family", "UNetFamily", "DiffusionSchedule", "read_json", "with_text_model", "TEXT_MODEL",
-           "pair_dict", "converted_module", "clip_has_text_model"]
+           "pair_dict", "converted_module", "clip_has_text_model", "config_value"]

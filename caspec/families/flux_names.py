@@ -69,7 +69,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, NamedTuple
 
-from .base import TEXT_MODEL, clip_has_text_model
+from .base import TEXT_MODEL, clip_has_text_model, config_value
 
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2")
 KOHYA_FLUX_PREFIX = {"transformer": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te3_"}
@@ -162,14 +162,7 @@ class FluxLoraLayer:
 
 
 def _get(cfg: Any, key: str, default: Any = KeyError) -> Any:
-    if isinstance(cfg, Mapping):
-        if key in cfg:
-            return cfg[key]
-    elif hasattr(cfg, key):
-        return getattr(cfg, key)
-    if default is KeyError:
-        raise ValueError(f"FLUX transformer config has no {key!r}: pass transformer.config or its config.json")
-    return default
+    return config_value(cfg, key, default, what="FLUX transformer config (pass transformer.config or its config.json)")
 
 
 def flux_dev_config() -> dict[str, Any]:

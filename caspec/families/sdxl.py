@@ -51,7 +51,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
-from .base import TEXT_MODEL, UNetFamily, converted_module, pair_dict
+from .base import TEXT_MODEL, UNetFamily, config_value, converted_module, pair_dict
 
 KOHYA_SDXL_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 """Kohya name prefix per SDXL pipeline component."""
@@ -87,15 +87,7 @@ class _Entry(NamedTuple):
 
 
 def _get(cfg: Any, key: str, default: Any = KeyError) -> Any:
-    """A config value from a mapping (``unet.config``, a parsed ``config.json``) or an attribute namespace."""
-    if isinstance(cfg, Mapping):
-        if key in cfg:
-            return cfg[key]
-    elif hasattr(cfg, key):
-        return getattr(cfg, key)
-    if default is KeyError:
-        raise ValueError(f"UNet config has no {key!r}: pass unet.config or the UNet's config.json")
-    return default
+    return config_value(cfg, key, default, what="UNet config (pass unet.config or the UNet's config.json)")
 
 
 def _layout_key(unet_config: Any) -> tuple:

@@ -122,6 +122,26 @@ def _offline_hint(repo: str) -> str:
     )
 
 
+def embedded_folder(name: str) -> Path:
+    """The folder caspec builds an embedded model into (whether built yet or not; reads, writes nothing)."""
+    if name in TINY_MODELS:
+        from .tiny import tiny_dir
+
+        return tiny_dir(name)
+    if name in TINY_FLUX_MODELS:
+        from .tiny_flux import tiny_flux_dir
+
+        return tiny_flux_dir(name)
+    from .toy import toy_dir
+
+    return toy_dir(toy_identity())
+
+
+def is_hub_id(base: str) -> bool:
+    """Whether ``base`` has the shape of a hub id (``org/name``)."""
+    return bool(_HUB_ID.match(base))
+
+
 def _resolve_hub(repo: str, revision: str | None) -> ModelLocation:
     rev = revision or "main"
     hub = _hf_hub_cache()
@@ -169,8 +189,11 @@ def locate_model(model: ModelSpec, spec_dir: Path) -> ModelLocation:
     if _HUB_ID.match(base):
         return _resolve_hub(base, model.revision)
     raise ModelError(
-        f"model `{base}` is neither `tiny`/`toy`, an existing folder (looked for {path}), nor a hub id (`org/name`)",
-        hint="use `toy` (trained shapes world) or `tiny` (random), a diffusers folder relative to the spec file, or a hub id already in the local cache",
+        f"model `{base}` is neither an embedded model, an existing folder (looked for {path}), nor a hub id "
+        "(`org/name`)",
+        hint=f"use an embedded model ({', '.join(f'`{m}`' for m in EMBEDDED)}; `toy` is trained on the shapes world, "
+        "the others have random weights), a diffusers folder relative to the spec file, or a hub id already in the "
+        "local cache",
     )
 
 
@@ -510,4 +533,4 @@ def _load(model: ModelSpec, spec_dir: Path, identity: dict[str, Any], device_nam
 
 __all__ = ["Pipe", "ModelLocation", "locate_model", "model_identity", "weights_identity", "identity_differences",
            "loaded_files", "component_weight_files", "native_resolution", "model_family", "model_configs",
-           "load_pipeline", "clear_pipeline_cache", "resolve_device", "resolve_dtype", "RUN_FIELDS"]
+           "load_pipeline", "clear_pipeline_cache", "is_hub_id", "EMBEDDED", "embedded_folder", "resolve_device", "resolve_dtype", "RUN_FIELDS"]

@@ -47,7 +47,7 @@ class EditOp(Op):
         last step, is a spec error at the field that causes it."""
         if step.method != "sdedit":
             return {}
-        from ..errors import PlanError
+        from ..errors import SpecError
         from ..families.noise import edit_start
         from ..models.load import model_configs, native_resolution
 
@@ -60,9 +60,9 @@ class EditOp(Op):
         except ValueError as exc:
             field = "noise_level" if step.noise_level is not None else "strength"
             shown = field if field in step.model_fields_set or field == "noise_level" else "steps"
-            raise PlanError(f"{loaded.where(('edits', step_id, shown))}: edits.{step_id}.{shown}: {exc}",
-                            hint="use a lower strength or more steps; `noise_level: 0.86` starts where the paper's "
-                            "SD 1.x edits start, on every family") from None
+            raise SpecError([loaded.problem(("edits", step_id, shown), str(exc),
+                                            "use a lower strength or more steps; `noise_level: 0.86` starts where "
+                                            "the paper's SD 1.x edits start, on every family")]) from None
         return {"edit_start": {"step": start, "steps": steps, "sigma": round(sigma, 4)}}
 
     def params(self, step: EditStep, spec: Spec, family: Any = None) -> dict[str, Any]:

@@ -14,6 +14,8 @@ Cached steps made under another environment (libraries, device, thread count) ca
 """
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
@@ -140,25 +142,36 @@ def _family_of(model: Any, loaded: Any, memo: dict[str, Any], where: tuple) -> A
     """The :class:`~caspec.families.base.Family` of ``model`` (read from configs; memoised per plan); a model
     that cannot be found is reported at its spec line."""
     from .. import families
-    from ..errors import ModelError
     from ..models.load import model_family
 
     text = model.model_dump_json()
     if text not in memo:
-        try:
+        with model_error_at(loaded, where):
             memo[text] = families.get(model_family(model, loaded.dir))
-        except ModelError as exc:
-            raise ModelError(f"{loaded.where(where)}: {exc.message}", hint=exc.hint) from None
     return memo[text]
+
+
+@contextlib.contextmanager
+def model_error_at(loaded: Any, where: tuple) -> Any:
+    """A model that cannot be found or read becomes a spec error at the spec's ``model`` line (``where``)."""
+    from ..errors import ModelError, SpecError
+
+    try:
+        yield
+    except ModelError as exc:
+        raise SpecError([loaded.problem((*where, "base") if where[-1] == "model" else where, exc.message,
+                                        exc.hint)]) from None
 
 
 def _check_scheduler(loaded: Any, section: str, step_id: str, params: dict[str, Any], family: Any) -> None:
     """A spec that names another family's sampler (``defaults.scheduler: ddim`` on FLUX.1) is an error."""
+    from ..errors import SpecError
+
     named = loaded.spec.defaults.scheduler
     if named is not None and named != family.sampling_defaults["scheduler"]:
-        raise PlanError(f"{loaded.where(('defaults', 'scheduler'))}: defaults.scheduler: `{named}` is not a sampler "
-                        f"of the {family.title} model `{step_id}` runs",
-                        hint=f"use `{family.sampling_defaults['scheduler']}`, or leave `scheduler` out")
+        raise SpecError([loaded.problem(("defaults", "scheduler"), f"`{named}` is not a sampler of the "
+                                        f"{family.title} model that `{step_id}` runs",
+                                        f"use `{family.sampling_defaults['scheduler']}`, or leave `scheduler` out")])
 
 
 def make_plan(loaded: Any, store: Any, *, force: set[str] | frozenset[str] = frozenset(),
@@ -173,7 +186,8 @@ def make_plan(loaded: Any, store: Any, *, force: set[str] | frozenset[str] = fro
     if model_identity is None and any(n.op.USES_MODEL for n in nodes.values()):
         from ..models.load import model_identity as identify
 
-        model_identity = identify(loaded.spec.model, loaded.dir)
+        with model_error_at(loaded, ("model",)):
+            model_identity = identify(loaded.spec.model, loaded.dir)
     own_identities: dict[str, Any] = {}
     for node in nodes.values():
         if node.model is not None and node.op.USES_MODEL:
@@ -181,7 +195,8 @@ def make_plan(loaded: Any, store: Any, *, force: set[str] | frozenset[str] = fro
 
             text = node.model.model_dump_json()
             if text not in own_identities:
-                own_identities[text] = identify(node.model, loaded.dir)
+                with model_error_at(loaded, (node.section, node.id, "model")):
+                    own_identities[text] = identify(node.model, loaded.dir)
             node.model_identity = own_identities[text]
     if compute is None and any(n.op.TORCH_COMPUTE for n in nodes.values()):
         from ..exec.compute import local_compute

@@ -22,11 +22,15 @@ Every problem a user can cause is raised as :class:`~caspec.errors.SpecError` (o
 """
 from __future__ import annotations
 
+import contextvars
+import copy
 import difflib
+import functools
 import itertools
 import json
 import math
 import re
+import time
 import types
 import typing
 from dataclasses import dataclass
@@ -36,6 +40,7 @@ from typing import Any
 import yaml
 from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, meta, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.visitor import NodeTransformer
 from pydantic import BaseModel, ValidationError
 from yaml.constructor import ConstructorError, SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -93,8 +98,9 @@ class LoadedSpec:
         return f"{shown}:{pos[0]}:{pos[1]}" if pos else shown
 
 
-def load_spec(path: str | Path) -> LoadedSpec:
-    """Read, parse, template, validate and cross-check the spec file at ``path``."""
+def load_spec(path: str | Path, *, contained: bool = False) -> LoadedSpec:
+    """Read, parse, template, validate and cross-check the spec file at ``path``. ``contained``: every path it
+    names must stay inside its folder (:mod:`caspec.spec.contain`), checked before any of them is read."""
     shown = str(path)
     raw = _read_bytes(Path(path), shown)
     try:
@@ -104,15 +110,15 @@ def load_spec(path: str | Path) -> LoadedSpec:
         col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
         raise SpecError([Problem(shown, line, col, "", f"the file is not valid UTF-8 (byte 0x{raw[exc.start]:02x})",
                                  "save the spec as UTF-8 text")]) from None
-    return _load(text, path, shown)
+    return _load(text, path, shown, contained)
 
 
-def load_spec_text(text: str, path: str | Path) -> LoadedSpec:
+def load_spec_text(text: str, path: str | Path, *, contained: bool = False) -> LoadedSpec:
     """Like :func:`load_spec` for spec text already in memory; ``path`` names it in messages and sets ``dir``."""
     shown = str(path)
     if len(text) > MAX_BYTES // 4 and len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
         raise SpecError([_too_large(shown, len(text.encode("utf-8", "surrogatepass")))])
-    return _load(text, path, shown)
+    return _load(text, path, shown, contained)
 
 
 # --------------------------------------------------------------------------- reading
@@ -145,7 +151,7 @@ def _too_large(shown: str, size: int) -> Problem:
                    "a spec is a small YAML file of steps; is this the right file?")
 
 
-def _load(text: str, path: str | Path, shown: str) -> LoadedSpec:
+def _load(text: str, path: str | Path, shown: str, contained: bool = False) -> LoadedSpec:
     src = _Source(shown, text, {})
     data = _parse(src)
     data, src.positions, expanded = _template(data, src)
@@ -153,9 +159,14 @@ def _load(text: str, path: str | Path, shown: str) -> LoadedSpec:
     abspath = Path(path).absolute()
     name = spec.name or abspath.stem
     _fail_if(_check_steps(spec, src) + _check_name(spec, name, src))
+    loaded = LoadedSpec(spec=spec, path=abspath, name=name, dir=abspath.parent, text=text,
+                        positions=dict(src.positions), file=shown)
+    if contained:  # before the checks below read asset folders the spec names
+        from .contain import check_contained
+
+        check_contained(loaded)
     _fail_if(_check_compose(spec, src, abspath.parent) + _check_export_eval(spec, src, abspath.parent))
-    return LoadedSpec(spec=spec, path=abspath, name=name, dir=abspath.parent, text=text,
-                      positions=dict(src.positions), file=shown)
+    return loaded
 
 
 def _fail_if(problems: list[Problem]) -> None:
@@ -455,23 +466,121 @@ _UNSAFE_FILTERS = ("center", "format", "indent", "wordwrap", "urlize", "xmlattr"
 _UNSAFE_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs", "format", "format_map"})
 
 
-def _capped_range(*args: int) -> range:
+MAX_STEPS = 100_000
+"""Most loop iterations one template may run, over all its loops."""
+MAX_SECONDS = 1.0
+"""Longest one template may take to render."""
+
+
+class OverBudget(SecurityError):
+    """A template that would run too long or build too large a value (the render stops there)."""
+
+
+class _Budget:
+    """What one template render may spend: loop iterations and time (checked while it runs)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.deadline = time.monotonic() + MAX_SECONDS
+
+    def spend(self) -> None:
+        self.steps += 1
+        if self.steps > MAX_STEPS:
+            raise OverBudget(f"the template runs more than {MAX_STEPS} loop iterations")
+        if not self.steps % 256 and time.monotonic() > self.deadline:
+            raise OverBudget(f"the template takes longer than {MAX_SECONDS:g} s to render")
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise OverBudget(f"the template takes longer than {MAX_SECONDS:g} s to render")
+
+
+_BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("caspec_template_budget", default=None)
+
+
+def _spend() -> None:
+    budget = _BUDGET.get()
+    if budget is not None:
+        budget.spend()
+
+
+def _sized(value: Any) -> Any:
+    """``value``, refused when it is a string or sequence longer than :data:`MAX_RENDERED`."""
+    if isinstance(value, (str, list, tuple, dict)) and len(value) > MAX_RENDERED:
+        raise OverBudget(f"the template builds a value longer than {MAX_RENDERED} characters")
+    budget = _BUDGET.get()
+    if budget is not None:
+        budget.check_time()
+    return value
+
+
+class _Counted:
+    """An iterable whose iteration spends the render's loop budget (``for`` loops and ``range``)."""
+
+    def __init__(self, items: Any) -> None:
+        self.items = items
+
+    def __iter__(self) -> Any:
+        for item in self.items:
+            _spend()
+            yield item
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.items[i]
+
+
+def _capped_range(*args: int) -> _Counted:
     r = range(*args)
     if len(r) > MAX_EXPANSION:
         raise SecurityError(f"range() is limited to {MAX_EXPANSION} items in specs")
-    return r
+    return _Counted(r)
+
+
+def _sized_filter(func: Any) -> Any:
+    """A filter whose result is size-checked (chained ``replace`` cannot build gigabytes)."""
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return _sized(func(*args, **kwargs))
+
+    return functools.update_wrapper(wrapper, func)
+
+
+class _Bounded(NodeTransformer):
+    """Rewrites a template's AST so its work is bounded while it renders: every ``for`` loop iterates through
+    the loop budget, every ``~`` concatenation is size-checked."""
+
+    def visit_For(self, node: nodes.For) -> nodes.Node:
+        node = self.generic_visit(node)
+        node.iter = nodes.Filter(node.iter, "caspec_counted", [], [], None, None, lineno=node.lineno)
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
+        node = self.generic_visit(node)
+        return nodes.Filter(node, "caspec_sized", [], [], None, None, lineno=node.lineno)
 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
     """jinja2's immutable sandbox, also refusing operations that build huge values."""
 
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "+"})
 
     def __init__(self) -> None:
         super().__init__(undefined=StrictUndefined, autoescape=False)
         self.globals = {"range": _capped_range, "dict": dict}
         for name in _UNSAFE_FILTERS:
             self.filters.pop(name, None)
+        self.filters = {name: _sized_filter(f) for name, f in self.filters.items()}
+        self.filters["caspec_counted"] = _Counted
+        self.filters["caspec_sized"] = _sized
+
+    def bounded(self, ast: nodes.Template) -> Any:
+        """A template compiled from ``ast`` with its loops and concatenations bounded (:class:`_Bounded`)."""
+        return self.from_string(_Bounded().visit(copy.deepcopy(ast)))
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        return _sized(super().call(__context, __obj, *args, **kwargs))
 
     def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
         if isinstance(obj, str) and attr in _UNSAFE_METHODS:
@@ -486,7 +595,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             seq, n = (left, right) if isinstance(right, int) else (right, left)
             if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_RENDERED:
                 raise SecurityError("the result of `*` would be too large")
-        return super().call_binop(context, operator, left, right)
+        return _sized(super().call_binop(context, operator, left, right))
 
 
 def _whole_list_use(node: nodes.Name, parent: nodes.Node | None) -> bool:
@@ -600,7 +709,7 @@ class _Templater:
         try:
             ast = self.env.parse(text)
             referenced = meta.find_undeclared_variables(ast)
-            template = self.env.from_string(ast)
+            template = self.env.bounded(ast)
         except TemplateSyntaxError as exc:  # also TemplateAssertionError: an unknown filter or test
             return self._fail(path, f"template syntax error: {exc.message}", self._syntax_hint(exc), text)
         except Exception as exc:  # noqa: BLE001 - compiling folds constants, evaluating (sandboxed) expressions
@@ -616,11 +725,14 @@ class _Templater:
                               f"it expands over the list vars {_ticks(names)}", text)
         out = []
         for combo in itertools.product(*(self.vars[n] for n in names)):
+            token = _BUDGET.set(_Budget())
             try:
-                result = template.render({**self.vars, **dict(zip(names, combo))})
+                result = _render_bounded(template, {**self.vars, **dict(zip(names, combo))})
             except Exception as exc:  # noqa: BLE001 - whatever the template's expressions raise
                 return self._fail(path, *_render_error(exc), text)
-            if len(result) > MAX_RENDERED:
+            finally:
+                _BUDGET.reset(token)
+            if result is None:
                 return self._fail(path, f"the template renders to more than {MAX_RENDERED} characters", None, text)
             out.append(result)
         return out
@@ -646,11 +758,26 @@ class _Templater:
         return f"{guess} ({defined})" if guess else defined
 
 
+def _render_bounded(template: Any, context: dict[str, Any]) -> str | None:
+    """Render chunk by chunk, stopping as soon as the output passes :data:`MAX_RENDERED` (None then)."""
+    parts, size = [], 0
+    for chunk in template.generate(context):
+        size += len(chunk)
+        if size > MAX_RENDERED:
+            return None
+        parts.append(chunk)
+    return "".join(parts)
+
+
 _SANDBOX_HINT = "templates may use vars, filters and plain expressions; they cannot reach Python internals"
+_BOUNDS_HINT = (f"a template may run at most {MAX_STEPS} loop iterations, build values of at most {MAX_RENDERED} "
+                f"characters and take at most {MAX_SECONDS:g} s: specs are small, write the values out")
 
 
 def _render_error(exc: Exception) -> tuple[str, str | None]:
     """Message and hint for an exception raised while compiling or rendering a template."""
+    if isinstance(exc, OverBudget):
+        return f"template refused by the sandbox: {exc}", _BOUNDS_HINT
     if isinstance(exc, SecurityError):
         return f"template refused by the sandbox: {exc}", _SANDBOX_HINT
     if isinstance(exc, TemplateError):

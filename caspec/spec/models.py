@@ -164,6 +164,15 @@ class SelectStep(_Model):
 
 
 PSEUDO_WORD = r"^<[A-Za-z0-9_.-]*(\{k\})?[A-Za-z0-9_.-]*>$"
+TOKEN = r"^<[A-Za-z0-9_.-]{1,62}>$"
+"""The grammar of one concrete pseudo-word wherever it enters: a spec (after ``{k}``), an import, an asset header."""
+
+
+def is_pseudo_word(token: object) -> bool:
+    """Whether ``token`` follows :data:`TOKEN` (angle brackets around letters, digits, ``_``, ``.``, ``-``)."""
+    import re
+
+    return isinstance(token, str) and re.fullmatch(TOKEN, token) is not None
 
 
 class PseudoWordSpec(_Model):

@@ -78,12 +78,27 @@ def default_cache() -> Path:
     return Path(base) / "remote-objects"
 
 
+def redact_url(url: str) -> str:
+    """``url`` as it may be shown: credentials (``s3://KEY:SECRET@bucket``) and query secrets replaced by ``***``."""
+    scheme, sep, rest = str(url).partition("://")
+    if not sep:
+        return str(url)
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    path, q, query = path.partition("?")
+    if q:
+        query = "&".join(f"{kv.split('=', 1)[0]}=***" if "=" in kv else kv for kv in query.split("&"))
+    return f"{scheme}://{netloc}{slash}{path}{q}{query}"
+
+
 def _open_fs(url: str) -> tuple[Any, str]:
     """The fsspec filesystem and root path of ``url`` (a fresh instance: it sees the current AWS_* env)."""
+    shown = redact_url(url)
     try:
         import fsspec
     except ImportError:  # pragma: no cover - fsspec comes with the ML stack
-        raise StoreError(f"store {url}: fsspec is not installed", hint="pip install 'caspec[s3]'") from None
+        raise StoreError(f"store {shown}: fsspec is not installed", hint="pip install 'caspec[s3]'") from None
     protocol = url.split("://", 1)[0]
     options: dict[str, Any] = {"skip_instance_cache": True}
     if protocol in ("s3", "s3a"):
@@ -93,11 +108,26 @@ def _open_fs(url: str) -> tuple[Any, str]:
     try:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except ImportError as exc:
-        raise StoreError(f"store {url}: no fsspec backend for `{protocol}://` ({exc})",
+        raise StoreError(f"store {shown}: no fsspec backend for `{protocol}://` ({_redact_text(exc, url)})",
                          hint="for s3:// install the extra: pip install 'caspec[s3]'") from None
-    except (ValueError, TypeError) as exc:
-        raise StoreError(f"store {url}: cannot open it ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - backends raise anything (an unreachable ftp:// host: OSError)
+        raise StoreError(f"store {shown}: cannot open it ({type(exc).__name__}: {_redact_text(exc, url)})",
+                         hint="check the URL, the network and the credentials (from the environment, never the URL)"
+                         ) from None
     return fs, path.rstrip("/")
+
+
+def _redact_text(exc: Any, url: str) -> str:
+    """An exception's text with the URL's credentials (if it repeats them) replaced."""
+    text = str(exc)
+    _, sep, rest = str(url).partition("://")
+    netloc = rest.partition("/")[0]
+    if sep and "@" in netloc:
+        secret = netloc.rsplit("@", 1)[0]
+        for part in {secret, *secret.split(":")}:
+            if part:
+                text = text.replace(part, "***")
+    return text
 
 
 def _is_atomic_create(fs: Any) -> bool:
@@ -117,6 +147,7 @@ class RemoteStore(RecordLookups):
                  lease_seconds: float = DEFAULT_LEASE_SECONDS, gc_grace_seconds: float = DEFAULT_GC_GRACE_SECONDS,
                  durable: bool = True):
         self.url = url.rstrip("/")
+        self.shown = redact_url(self.url)  # what messages, reports and records may show
         self.fs, self.base = _open_fs(self.url)
         self.root = Path(os.path.abspath(cache if cache is not None else default_cache()))
         self.lock_timeout = lock_timeout
@@ -130,7 +161,7 @@ class RemoteStore(RecordLookups):
         self._verified: dict[str, tuple[int, ...]] = {}
 
     def __repr__(self) -> str:
-        return f"RemoteStore({self.url!r}, cache={str(self.root)!r})"
+        return f"RemoteStore({self.shown!r}, cache={str(self.root)!r})"
 
     def __reduce__(self) -> Any:
         """A store travels (to a Ray worker) as its URL and settings; the worker uses its own machine's
@@ -179,7 +210,7 @@ class RemoteStore(RecordLookups):
 
     def _fail(self, doing: str, exc: BaseException) -> None:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StoreError(f"store {self.url}: {doing} failed: {detail}",
+        raise StoreError(f"store {self.shown}: {doing} failed: {detail}",
                          hint="check the endpoint (AWS_ENDPOINT_URL), the credentials and that the bucket "
                               "exists and is writable") from None
 
@@ -229,10 +260,10 @@ class RemoteStore(RecordLookups):
             return
         text = data.decode("utf-8", "replace").strip()
         if not text.isdigit():
-            raise StoreError(f"store {self.url} has an unreadable VERSION file ({text[:20]!r})",
+            raise StoreError(f"store {self.shown} has an unreadable VERSION file ({text[:20]!r})",
                              hint="is this location really a caspec store?")
         if int(text) > STORE_VERSION:
-            raise StoreError(f"store {self.url} has format version {text}, newer than this caspec supports "
+            raise StoreError(f"store {self.shown} has format version {text}, newer than this caspec supports "
                              f"({STORE_VERSION})", hint="upgrade caspec, or use another store location")
         self._version_ok = True
 
