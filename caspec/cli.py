@@ -397,10 +397,13 @@ def schema() -> int:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Gallery: address to bind.")
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535), help="Gallery: port (0: any free one).")
 @click.option("--allow-remote", is_flag=True, help="Gallery: allow binding and serving a non-local address.")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="Gallery: a Host name it answers to besides loopback and the bound address (e.g. the name your "
+                   "colleague types). Repeatable.")
 @store_option
 @_guard
 def review(spec: str, ids: tuple[str, ...], step_id: str | None, action: str | None, reset: bool, host: str,
-           port: int, allow_remote: bool, store: str | None) -> int:
+           port: int, allow_remote: bool, allow_hosts: tuple[str, ...], store: str | None) -> int:
     """Review candidates: a local web gallery, or from a script with --step.
 
     \b
@@ -416,7 +419,7 @@ def review(spec: str, ids: tuple[str, ...], step_id: str | None, action: str | N
             raise UsageError("--keep, --reject, ids and --reset need --step STEP", hint="e.g. `--step picks --keep s0-p0-c0`")
         from .review.server import serve
 
-        return serve(loaded, the_store, host, port, allow_remote, spec_arg=spec)
+        return serve(loaded, the_store, host, port, allow_remote, spec_arg=spec, allowed_hosts=allow_hosts)
     from .review.cli import review_step
 
     if ids and action is None:

@@ -156,7 +156,7 @@ def test_gallery_in_headless_chromium(chromium, gallery):
     from playwright.sync_api import expect, sync_playwright
 
     server, loaded, store, manifest = gallery
-    base = server.url.rstrip("/")
+    base = server.base_url
     requests: list[str] = []
     started = time.monotonic()
     with sync_playwright() as pw:
@@ -175,7 +175,7 @@ def test_gallery_in_headless_chromium(chromium, gallery):
             page = context.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(base + "/")
+            page.goto(server.url)  # the URL with the token: it sets the cookie the page's own requests carry
 
             gate = page.get_by_test_id("gate-pick")
             expect(gate).to_be_visible()

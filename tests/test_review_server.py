@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import http.client
+from urllib.parse import quote
 import json
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def served(tmp_path):
 def request(server, method: str, path: str, body=None, headers=None):
     host, port = server.server_address[:2]
     conn = http.client.HTTPConnection(host, port, timeout=20)
-    hdrs = {"Host": f"127.0.0.1:{port}"}
+    hdrs = {"Host": f"127.0.0.1:{port}", "Authorization": f"token {server.token}"}
     if body is not None:
         hdrs["Content-Type"] = "application/json"
         body = json.dumps(body) if not isinstance(body, (bytes, str)) else body
@@ -209,16 +210,20 @@ def test_path_traversal_is_404(served, tmp_path, path):
     assert status == 404, (path, body)
 
 
-def test_allowed_roots_are_served(served, tmp_path):
+def test_only_what_the_gallery_shows_is_served(served, tmp_path):
+    """Images, contact sheets and manifests the gate listing handed out; never records, logs, other objects."""
     server, loaded, store = served
-    assert request(server, "GET", "/files/reviews/pick.yaml")[0] == 200
-    assert request(server, "GET", "/files/reviews/pick.html")[0] == 200
-    obj = next((store.root / "objects").rglob("*"))
-    while obj.is_dir():
-        obj = next(obj.iterdir())
-    rel = obj.relative_to(store.root).as_posix()
-    assert request(server, "GET", f"/files/store/{rel}")[0] == 200
-    assert request(server, "GET", "/files/out/ea/s0-p0-c0.png")[0] == 200
+    assert request(server, "GET", "/files/reviews/pick.yaml")[0] == 404  # not handed out yet
+    status, listing, _ = request(server, "GET", "/api/gates")
+    gate = listing["gates"][0]
+    shown = [gate["manifest_url"], gate["sheet_url"]] + [c["image_url"] for c in gate["candidates"]]
+    assert "/files/reviews/pick.yaml" in shown and "/files/reviews/pick.html" in shown
+    for url in shown:
+        assert request(server, "GET", url)[0] == 200, url
+    for path in list(store.root.rglob("*"))[:200]:  # the store's records, logs, objects not shown: all 404
+        rel = path.relative_to(store.root).as_posix()
+        if path.is_file() and f"/files/store/{rel}" not in shown:
+            assert request(server, "GET", "/files/store/" + quote(rel))[0] == 404, rel
 
 
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:80", "192.168.1.5", "127.0.0.1.evil.example", ""])
@@ -313,3 +318,53 @@ def test_concurrent_saves_from_processes_and_server(served, tmp_path):
     assert sorted(c.id for c in m.kept()) in [sorted(d) for d in decisions + [IDS[1:3]]]
     data = yaml.safe_load(manifest_path(tmp_path).read_text())
     assert data["step"] == "pick" and len(data["candidates"]) == 4
+
+
+def _from(source: str, server, method: str, path: str, body=None, headers=None):
+    """A request from another address (a loopback alias) to the server's bound address."""
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=20, source_address=(source, 0))
+    hdrs = {"Content-Type": "application/json"} if body is not None else {}
+    hdrs.update(headers or {})
+    conn.request(method, path, body=None if body is None else json.dumps(body), headers=hdrs)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, data, resp
+
+
+def test_a_shared_gallery_needs_its_token_and_an_allowed_host(tmp_path):
+    """`--allow-remote` on a network: a colleague at another address gets in only with the token and a Host
+    allowed explicitly; a foreign Host, a missing or wrong token, or a foreign Origin change nothing."""
+    loaded, store = setup_spec(tmp_path)
+    server = make_server(loaded, store, host="127.0.0.3", port=0, allow_remote=True, model_identity=MODEL,
+                         spec_arg="t.yaml", allowed_hosts=("gallery.lan",))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        ok_host = {"Host": f"gallery.lan:{port}"}
+        token = {"Authorization": f"token {server.token}"}
+        assert _from("127.0.0.2", server, "GET", "/api/gates", headers={**ok_host, **token})[0] == 200
+        before = manifest_path(tmp_path).read_bytes()
+        flip = {"keep": ["s0-p1-c0", "s1-p0-c0"]}
+        for headers, status in (({"Host": f"evil.example:{port}", **token}, 403),
+                                (ok_host, 401),
+                                ({**ok_host, "Authorization": "token " + "x" * len(server.token)}, 401),
+                                ({**ok_host, "Cookie": "caspec-review-token=nope"}, 401),
+                                ({**ok_host, **token, "Origin": "http://evil.example"}, 403)):
+            assert _from("127.0.0.2", server, "POST", "/api/gates/pick", flip, headers)[0] == status, headers
+            assert manifest_path(tmp_path).read_bytes() == before
+        assert _from("127.0.0.2", server, "GET", "/", headers=ok_host)[0] == 401  # no page without the token
+        # the URL printed once carries the token and sets the cookie the page's requests then carry
+        assert server.url.startswith(f"http://127.0.0.3:{port}/?token=")
+        status, _, resp = _from("127.0.0.2", server, "GET", f"/?token={server.token}", headers=ok_host)
+        cookie = resp.getheader("Set-Cookie")
+        assert status == 200 and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        jar = {"Cookie": cookie.split(";")[0], **ok_host}
+        assert _from("127.0.0.2", server, "POST", "/api/gates/pick", flip,
+                     {**jar, "Origin": f"http://gallery.lan:{port}"})[0] == 200
+        assert manifest_path(tmp_path).read_bytes() != before
+    finally:
+        server.shutdown()
+        server.server_close()

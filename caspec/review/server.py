@@ -11,30 +11,40 @@ inline CSS/JS, no external assets) and a small JSON API:
   the manifest atomically under a file lock (``<manifest>.lock``), so saves from two browsers or
   processes serialize: the last one wins, the file is never torn. With ``revision`` (what the page
   loaded) a save over someone else's newer save is refused with 409 (the page then offers to overwrite).
-* ``GET /files/<root>/<path>`` -- images, only from the store (``store``), the spec's out folder (``out``)
-  and its reviews folder (``reviews``); anything resolving outside them (``..``, encoded dots, absolute
-  paths, symlinks pointing out) is a 404.
+* ``GET /files/<root>/<path>`` -- only what the gallery shows: the candidates' and sources' images, the
+  contact sheets and the manifests of this spec, as the gate listing handed their URLs out. Records, logs,
+  checkpoints and any other file are a 404, and so is anything resolving outside the store (``store``), the
+  spec's out folder (``out``) and its reviews folder (``reviews``): ``..``, encoded dots, absolute paths,
+  symlinks pointing out.
 
-Safety: binds 127.0.0.1 by default and refuses a non-loopback address unless ``allow_remote``; rejects
-requests whose ``Host`` is not a loopback name (DNS rebinding) and cross-origin POSTs unless
-``allow_remote``; POST bodies must be JSON (so a foreign page cannot send one without a CORS preflight,
-which is never granted).
+Safety:
+
+* every request carries the server's per-run secret token (printed once, in the URL ``caspec review`` shows,
+  as Jupyter does): ``?token=`` (which also sets an ``HttpOnly``, ``SameSite=Strict`` cookie for the page's
+  own requests), the cookie, or ``Authorization: token <t>``; it is compared in constant time;
+* binds 127.0.0.1 by default and refuses a non-loopback address unless ``allow_remote``;
+* the ``Host`` header must name a loopback name or a host allowed explicitly (the bound address, and
+  ``allowed_hosts``), against DNS rebinding; a POST's ``Origin`` must be the same host and port;
+* POST bodies must be JSON (so a foreign page cannot send one without a CORS preflight, which is never granted).
 """
 from __future__ import annotations
 
 import hashlib
+import hmac
 import ipaddress
 import json
 import mimetypes
 import os
+import secrets
 import socket
 import sys
 import threading
+from http.cookies import SimpleCookie
 from contextlib import nullcontext
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from filelock import FileLock, Timeout
 
@@ -48,6 +58,7 @@ PAGE = Path(__file__).with_name("page.html")
 LOCAL_HOSTNAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 LOCK_TIMEOUT = 30.0
 MAX_BODY = 1 << 20
+COOKIE = "caspec-review-token"
 
 
 class ApiError(Exception):
@@ -118,6 +129,8 @@ class ReviewApp:
             "reviews": loaded.dir / "reviews" / loaded.name,
         }
         self._plan_lock = threading.Lock()
+        self._served: set[Path] = set()  # what the gate listings handed out URLs for: all /files/ serves
+        self._served_lock = threading.Lock()
 
     # ------------------------------------------------------------------ files
     def resolve_file(self, url_path: str) -> Path | None:
@@ -136,9 +149,11 @@ class ReviewApp:
             return None
         if target == base or not target.is_relative_to(base) or not target.is_file():
             return None
-        return target
+        with self._served_lock:
+            return target if target in self._served else None
 
     def url_for(self, path: Path) -> str | None:
+        """The URL the gallery shows ``path`` under (it is served from then on), or None outside the roots."""
         try:
             p = path.resolve()
         except OSError:
@@ -146,6 +161,8 @@ class ReviewApp:
         for name, root in self.roots.items():
             base = root.resolve()
             if p.is_relative_to(base):
+                with self._served_lock:
+                    self._served.add(p)
                 return f"/files/{name}/" + quote(p.relative_to(base).as_posix())
         return None
 
@@ -237,6 +254,7 @@ class ReviewApp:
         problem = count_problem(kept, node.step.count)
         return {**base, "state": "ready" if not problem else "waiting", "candidates": cands, "groups": groups,
                 "kept": kept, "problem": problem, "revision": _revision(path),
+                "manifest_url": self.url_for(path) if path.exists() else None,
                 "sheet_url": self.url_for(sheet_path(path)) if sheet_path(path).exists() else None}  # None outside the roots
 
     def _source_images(self, plan: Any, step_id: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -311,18 +329,44 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- checks
     def _host_ok(self) -> bool:
-        if self.server.allow_remote:
-            return True
         host = self.headers.get("Host")
-        return host is not None and _host_of(host) in LOCAL_HOSTNAMES
+        return host is not None and _host_of(host) in self.server.hosts
 
     def _origin_ok(self) -> bool:
         origin = self.headers.get("Origin")
-        if origin is None or self.server.allow_remote:
+        if origin is None:
             return True
         parts = urlsplit(origin)
-        return parts.scheme == "http" and (parts.hostname or "") in LOCAL_HOSTNAMES | {"::1"} \
+        hostname = parts.hostname or ""
+        return parts.scheme == "http" and (hostname in self.server.hosts or f"[{hostname}]" in self.server.hosts) \
             and parts.port == self.server.server_address[1]
+
+    def _token_given(self) -> str | None:
+        """The token the request carries: ``?token=``, the cookie, or ``Authorization: token <t>``."""
+        query = parse_qs(urlsplit(self.path).query).get("token")
+        if query:
+            return query[0]
+        auth = self.headers.get("Authorization") or ""
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() in ("token", "bearer") and value:
+            return value.strip()
+        cookie = SimpleCookie()
+        try:
+            cookie.load(self.headers.get("Cookie") or "")
+        except Exception:  # noqa: BLE001 - a malformed cookie header is no token
+            return None
+        return cookie[COOKIE].value if COOKIE in cookie else None
+
+    def _authorized(self) -> bool:
+        given = self._token_given()
+        return given is not None and hmac.compare_digest(given.encode("utf-8", "replace"),
+                                                         self.server.token.encode("utf-8"))
+
+    def _refuse(self) -> None:
+        """403 for a foreign Host, 401 without the token (no page, no data, nothing written)."""
+        if not self._host_ok():
+            return self._error(403, "this review server answers only to its own host names (Host header refused)")
+        return self._error(401, "open the URL `caspec review` printed: it carries this server's token")
 
     # -- responses
     def _send(self, status: int, body: bytes, ctype: str, extra: dict[str, str] | None = None) -> None:
@@ -349,15 +393,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:  # noqa: N802
-        if not self._host_ok():
-            return self._error(403, "this review server answers only to localhost (Host header refused)")
+        if not self._host_ok() or not self._authorized():
+            return self._refuse()
         path = urlsplit(self.path).path
         try:
             if path in ("/", "/index.html"):
                 csp = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
                        "script-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; form-action 'none'")
+                cookie = f"{COOKIE}={self.server.token}; Path=/; HttpOnly; SameSite=Strict"
                 return self._send(200, PAGE.read_bytes(), "text/html; charset=utf-8",
-                                  {"Content-Security-Policy": csp})
+                                  {"Content-Security-Policy": csp, "Set-Cookie": cookie})
             if path == "/api/gates":
                 return self._json(200, {"spec": self.server.app.loaded.name,
                                         "spec_path": self.server.app.spec_arg,
@@ -387,8 +432,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, data, ctype, extra)
 
     def do_POST(self) -> None:  # noqa: N802
-        if not self._host_ok():
-            return self._error(403, "this review server answers only to localhost (Host header refused)")
+        if not self._host_ok() or not self._authorized():
+            return self._refuse()
         if not self._origin_ok():
             return self._error(403, "cross-origin request refused")
         path = urlsplit(self.path).path
@@ -419,11 +464,17 @@ class ReviewServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], app: ReviewApp, *, allow_remote: bool, verbose: bool = False):
+    def __init__(self, address: tuple[str, int], app: ReviewApp, *, allow_remote: bool, verbose: bool = False,
+                 token: str | None = None, allowed_hosts: tuple[str, ...] = ()):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.app, self.allow_remote, self.verbose = app, allow_remote, verbose
+        self.token = token or secrets.token_urlsafe(32)
         super().__init__(address, _Handler)
+        bound = str(self.server_address[0])
+        named = {h.lower() for h in allowed_hosts} | ({bound, f"[{bound}]"} if bound not in ("0.0.0.0", "::") else set())
+        self.hosts = frozenset(LOCAL_HOSTNAMES | named)
+        """Host header names this server answers to: loopback names, the bound address, ``allowed_hosts``."""
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]
@@ -432,17 +483,23 @@ class ReviewServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
     @property
-    def url(self) -> str:
+    def base_url(self) -> str:
+        """``http://host:port`` (without the token)."""
         host, port = self.server_address[:2]
         if host in ("0.0.0.0", "::"):
             host = "127.0.0.1"
         shown = f"[{host}]" if ":" in host else host
-        return f"http://{shown}:{port}/"
+        return f"http://{shown}:{port}"
+
+    @property
+    def url(self) -> str:
+        """The gallery's URL with its token: what a person opens (``caspec review`` prints it once)."""
+        return f"{self.base_url}/?token={self.token}"
 
 
 def make_server(loaded: Any, store: Any, *, host: str = "127.0.0.1", port: int = 0, allow_remote: bool = False,
                 spec_arg: str | None = None, model_identity: dict[str, Any] | None = None,
-                verbose: bool = False) -> ReviewServer:
+                verbose: bool = False, allowed_hosts: tuple[str, ...] = ()) -> ReviewServer:
     """A bound (not yet serving) review server; call ``serve_forever()`` (port 0 picks a free port)."""
     if not allow_remote and not _is_loopback(host):
         raise UsageError(f"refusing to serve the review page on `{host}`: anyone who can reach it could change "
@@ -451,16 +508,17 @@ def make_server(loaded: Any, store: Any, *, host: str = "127.0.0.1", port: int =
                               "or pass --allow-remote on a trusted network")
     app = ReviewApp(loaded, store, spec_arg=spec_arg, model_identity=model_identity)
     try:
-        return ReviewServer((host, port), app, allow_remote=allow_remote, verbose=verbose)
+        return ReviewServer((host, port), app, allow_remote=allow_remote, verbose=verbose, allowed_hosts=allowed_hosts)
     except OSError as exc:
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
                          hint="pick another port with --port (0 picks a free one)") from None
 
 
 def serve(loaded: Any, store: Any, host: str = "127.0.0.1", port: int = 8765, allow_remote: bool = False,
-          *, spec_arg: str | None = None) -> int:
+          *, spec_arg: str | None = None, allowed_hosts: tuple[str, ...] = ()) -> int:
     """Run the gallery until Ctrl-C; returns the exit code (0)."""
-    server = make_server(loaded, store, host=host, port=port, allow_remote=allow_remote, spec_arg=spec_arg)
+    server = make_server(loaded, store, host=host, port=port, allow_remote=allow_remote, spec_arg=spec_arg,
+                         allowed_hosts=allowed_hosts)
     gates = server.app.gates()
     waiting = sum(1 for g in gates if g["state"] in ("waiting", "not-run"))
     print(f"review: {len(gates)} review step(s) in {loaded.path.name}, {waiting} waiting", file=sys.stderr)
