@@ -22,12 +22,13 @@ demo: setup
 	$(BIN)/caspec eval specs/toy-demo.yaml
 	@echo "images: specs/out/toy-demo/*/index.html   eval plot: specs/out/toy-demo/quality/plot.png" >&2
 
-# The review workflow on `tiny` (random weights): pause at a review gate, approve, resume.
+# The review workflow on `toy` (real shapes to review): pause at a review gate, approve, resume; then open the
+# gallery yourself with `caspec review specs/toy-review.yaml` (CLIP's decisions of `auto` are there too).
 review-demo: setup
-	rc=0; $(BIN)/caspec run specs/demo.yaml || rc=$$?; test $$rc -eq 3 -o $$rc -eq 0  # 3: paused for review
-	$(BIN)/caspec review specs/demo.yaml --step picks --keep s0-p0-c0 s0-p1-c1
-	$(BIN)/caspec run specs/demo.yaml
-	$(BIN)/caspec plan specs/demo.yaml
+	rc=0; $(BIN)/caspec run specs/toy-review.yaml || rc=$$?; test $$rc -eq 3 -o $$rc -eq 0  # 3: paused for review
+	$(BIN)/caspec review specs/toy-review.yaml --step picks --keep s0-p0-c0 s0-p1-c1
+	$(BIN)/caspec run specs/toy-review.yaml
+	$(BIN)/caspec plan specs/toy-review.yaml
 
 # Retrain the toy models from scratch into the package (deterministic; about 45 min on 2 CPU cores).
 toyworld: setup

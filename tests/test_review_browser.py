@@ -236,3 +236,67 @@ def test_gallery_in_headless_chromium(chromium, gallery):
     foreign = [u for u in requests if not u.startswith(base + "/")]
     assert foreign == [], f"the page tried to reach outside the local server: {foreign}"
     assert (ARTIFACTS / "review-gallery.png").stat().st_size > 10_000
+
+
+CLIP_SPEC = """
+version: 1
+name: auto
+roots:
+  cat: {prompt: "a ginger cat", candidates: 1}
+edits:
+  hats: {from: cat, prompts: ["wearing a red hat", "wearing a blue hat"], candidates: 2}
+select:
+  best: {from: hats, by: clip, clip: {min_direction: null, min_relative_direction: null, top_k: 2}}
+"""
+
+
+def test_clip_decisions_shown_and_overruled_in_the_gallery(chromium, tmp_path):
+    """A `by: clip` step in the gallery: CLIP's score, pass/fail and keep marks per candidate; a person flips
+    them and saves, which writes the manifest as a hand edit would (the step re-runs with that decision), and
+    can go back to CLIP's decision."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with fake_ops(PngRoot(), PngEdit()):
+        path = tmp_path / "auto.yaml"
+        path.write_text(textwrap.dedent(CLIP_SPEC))
+        loaded, store = load_spec(path), LocalStore(tmp_path / ".caspec")
+        assert run(loaded, store, plan=make_plan(loaded, store, model_identity=MODEL)).exit_code == 0
+        manifest = tmp_path / "reviews" / "auto" / "best.yaml"
+        auto = read_manifest(manifest)
+        clip_kept = sorted(c.id for c in auto.kept())
+        assert len(clip_kept) == 2
+        server = make_server(loaded, store, port=0, model_identity=MODEL, spec_arg="auto.yaml")
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        try:
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+                try:
+                    page = browser.new_page(viewport={"width": 1280, "height": 900})
+                    errors: list[str] = []
+                    page.on("pageerror", lambda exc: errors.append(str(exc)))
+                    page.goto(server.url)
+                    expect(page.get_by_test_id("by-best")).to_contain_text("decided by CLIP")
+                    for c in auto.candidates:
+                        expect(page.get_by_test_id("clip-" + c.id)).to_contain_text(
+                            "CLIP kept it" if c.id in clip_kept else "CLIP dropped it")
+                    expect(page.get_by_test_id("scores-" + clip_kept[0])).to_contain_text("score")
+                    dropped = next(c.id for c in auto.candidates if c.id not in clip_kept)
+                    page.get_by_test_id("card-" + clip_kept[0]).click()     # drop one CLIP kept
+                    page.get_by_test_id("card-" + dropped).click()          # keep one CLIP dropped
+                    page.get_by_test_id("save-best").click()
+                    expect(page.get_by_test_id("message-best")).to_contain_text("your decision replaces CLIP's")
+                    expect(page.get_by_test_id("by-best")).to_contain_text("a person's decision")
+                    assert _kept(manifest) == sorted([clip_kept[1], dropped])
+                    node = make_plan(loaded, store, model_identity=MODEL).nodes["best"]
+                    assert node.status == "run"  # the person's keep set entered the key
+                    page.get_by_test_id("auto-best").click()
+                    page.get_by_test_id("save-best").click()
+                    expect(page.get_by_test_id("message-best")).to_contain_text("CLIP's own decision again")
+                    assert _kept(manifest) == clip_kept
+                    assert errors == []
+                finally:
+                    browser.close()
+        finally:
+            server.shutdown()
+            server.server_close()

@@ -3,10 +3,13 @@
 A stdlib ``ThreadingHTTPServer`` (no web framework) serving one self-contained page (``page.html``,
 inline CSS/JS, no external assets) and a small JSON API:
 
-* ``GET /api/gates`` -- every ``select`` step with ``by: manual``: its candidates (id, digest, image URL,
-  prompt, seed, keep, scores, source image URL), the count required, the manifest path. A gate whose
-  upstream is cached but whose manifest is not written yet gets one (as ``caspec review --step`` does);
-  a gate whose upstream has not run yet is listed with "run `caspec run` first".
+* ``GET /api/gates`` -- every ``select`` step: its candidates (id, digest, image URL, prompt, seed, keep,
+  scores, source image URL), the count required, the manifest path. A manual gate whose upstream is cached
+  but whose manifest is not written yet gets one (as ``caspec review --step`` does); a gate whose upstream
+  has not run yet is listed with "run `caspec run` first". A ``by: clip`` step is listed with CLIP's
+  decision (``by: clip``, each candidate's ``auto_keep``, whether it ``passed`` the thresholds and ``why``
+  not, ``overruled`` when the manifest's keep set is a person's): saving it writes the manifest exactly as a
+  hand edit would, which replaces CLIP's decision on the next run (the keep set enters the step's key).
 * ``POST /api/gates/<step>`` with ``{"keep": [ids], "revision": "..."?}`` -- validates the ids and writes
   the manifest atomically under a file lock (``<manifest>.lock``), so saves from two browsers or
   processes serialize: the last one wins, the file is never torn. With ``revision`` (what the page
@@ -114,6 +117,15 @@ def _scores(img: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _clip_decision(m: Manifest, c: Any) -> dict[str, Any]:
+    """For a ``by: clip`` manifest: whether CLIP kept the candidate, whether it passed the thresholds and why."""
+    auto = m.auto_keep
+    if auto is None:
+        return {}
+    scores = c.meta.get("scores") if isinstance(c.meta.get("scores"), dict) else {}
+    return {"auto_keep": c.digest in auto, "passed": scores.get("passed"), "why": scores.get("why")}
+
+
 class ReviewApp:
     """The gallery's logic, independent of HTTP (the handler only routes and encodes)."""
 
@@ -187,7 +199,13 @@ class ReviewApp:
             return plan
 
     def _gate_nodes(self, plan: Any) -> list[Any]:
-        return [n for n in plan.order() if n.gate is not None and getattr(n.step, "by", "manual") == "manual"]
+        """Every ``select`` step: manual reviews, and ``by: clip`` steps (CLIP's decision, which a person may
+        overrule)."""
+        return [n for n in plan.order() if n.gate is not None and getattr(n.step, "by", "manual") in ("manual", "clip")]
+
+    @staticmethod
+    def _by_clip(node: Any) -> bool:
+        return getattr(node.step, "by", "manual") == "clip"
 
     def gates(self) -> list[dict[str, Any]]:
         plan = self.plan()
@@ -208,6 +226,8 @@ class ReviewApp:
         path: Path = node.gate.manifest
         if record is None:
             return read_manifest(path), None
+        if self._by_clip(node):  # CLIP writes this manifest when the step runs: read it, never create it
+            return read_manifest(path), record
         lock = nullcontext() if locked else FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT)
         with lock:
             m, _ = sync_manifest(path, spec_name=self.loaded.name, step_id=node.id, source_id=source_id,
@@ -230,7 +250,9 @@ class ReviewApp:
             why = "; ".join(plan.nodes[source_id].reasons) or plan.nodes[source_id].status
             return {**base, "state": "not-run", "revision": _revision(path),
                     "message": f"step `{source_id}` has no candidates yet ({why}): run `caspec run {self.spec_arg}` first"}
-        assert m is not None
+        if m is None:  # by: clip, not run yet
+            return {**base, "by": "clip", "state": "not-run", "revision": _revision(path),
+                    "message": f"CLIP has not decided `{node.id}` yet: run `caspec run {self.spec_arg}` first"}
         urls = self._image_urls(source_id, record)
         images = {img["id"]: img for img in record.result.get("images", [])}
         root_urls, root_prompts = self._source_images(plan, source_id)
@@ -242,7 +264,7 @@ class ReviewApp:
             cands.append({"id": c.id, "digest": c.digest, "keep": c.keep, "image_url": urls.get(c.id),
                           "prompt": prompt, "seed": img.get("seed", c.meta.get("seed")), "source": src,
                           "source_image_url": root_urls.get(src) if src else None,
-                          "scores": {**_scores(c.meta), **_scores(img)}})
+                          "scores": {**_scores(c.meta), **_scores(img)}, **_clip_decision(m, c)})
             gkey = (src, prompt)
             if gkey not in index:
                 index[gkey] = len(groups)
@@ -252,6 +274,12 @@ class ReviewApp:
             groups[index[gkey]]["ids"].append(c.id)
         kept = len(m.kept())
         problem = count_problem(kept, node.step.count)
+        if self._by_clip(node):
+            auto = m.auto or {}
+            overruled = m.auto_keep is not None and sorted(c.digest for c in m.kept()) != m.auto_keep
+            base = {**base, "by": "clip", "overruled": overruled,
+                    "clip": {k: auto.get(k) for k in ("model", "pretrained", "score", "settings", "warning")}}
+            problem = problem if overruled else ""  # CLIP's own decision was checked when the step ran
         return {**base, "state": "ready" if not problem else "waiting", "candidates": cands, "groups": groups,
                 "kept": kept, "problem": problem, "revision": _revision(path),
                 "manifest_url": self.url_for(path) if path.exists() else None,
@@ -288,6 +316,10 @@ class ReviewApp:
         state = self.gate(step_id)
         if state.get("problem"):
             msg = f"saved `{_rel(path)}`; {state['problem']}"
+        elif state.get("by") == "clip":
+            msg = (f"saved — your decision replaces CLIP's: re-run `caspec run {self.spec_arg}` (this step and what "
+                   "follows it re-run)" if state.get("overruled") else
+                   f"saved — CLIP's own decision again: re-run `caspec run {self.spec_arg}`")
         else:
             msg = f"saved — re-run `caspec run {self.spec_arg}`"
         return {"message": msg, "gate": state}
@@ -298,7 +330,7 @@ class ReviewApp:
             m, record = self._sync(plan, node, locked=True)
         except CaspecError as exc:
             raise ApiError(409, exc.message, exc.hint) from None
-        if m is None:
+        if m is None or record is None:
             raise ApiError(409, f"`{step_id}` has nothing to review yet",
                            hint=f"run `caspec run {self.spec_arg}` first")
         if revision is not None and revision != (current := _revision(path)):
