@@ -198,6 +198,7 @@ class _Runner:
                 return
         job = StepJob(node=node, loaded=self.loaded, model_identity=node.model_identity or self.plan.model_identity,
                       upstream_keys={role: self.records[sid].key for role, sid in node.upstream.items()},
+                      upstream_contents=contents,
                       compute=self.plan.compute.for_node(node) if self.plan.compute is not None else None,
                       forced=node.id in self.force,
                       source_out_dir=out_dir_for(self.loaded, node.upstream["source"], self.out_root)

@@ -42,6 +42,9 @@ class StepJob:
     forced: bool = False
     check_identity: bool = False  # resolve the model here and compare (a worker, not the driver)
     source_out_dir: Path | None = None  # a gate's upstream outputs, laid out by the driver
+    # role -> content digest of the upstream record the key was made from (plan.keys.content_digest): the
+    # job checks that what it reads is that content (a concurrent --force may have replaced the record)
+    upstream_contents: dict[str, str] | None = None
 
 
 @dataclass
@@ -121,7 +124,8 @@ def _run_op(job: StepJob, store: Any, warn: Callable[[str], None], progress: Any
     node, loaded = job.node, job.loaded
     if job.check_identity:
         check_here(job)
-    upstream = {role: UpstreamView(_upstream_record(store, key, role)) for role, key in job.upstream_keys.items()}
+    upstream = {role: UpstreamView(_upstream_record(store, key, role, (job.upstream_contents or {}).get(role)))
+                for role, key in job.upstream_keys.items()}
     threads = (job.compute or {}).get("threads")
     slots = cpu_slots(threads, on_wait=notify) if threads else contextlib.nullcontext()
     with slots, store.staging(node.key) as staged:
@@ -145,11 +149,18 @@ def _run_op(job: StepJob, store: Any, warn: Callable[[str], None], progress: Any
     return record
 
 
-def _upstream_record(store: Any, key: str, role: str) -> Any:
+def _upstream_record(store: Any, key: str, role: str, content: str | None = None) -> Any:
+    """The upstream record the step reads, and only if it holds the content the step's key was made from."""
+    from ..plan.keys import content_digest
+
     record = store.get(key)
     if record is None:
         raise CaspecError(f"the upstream record `{role}` ({key[:12]}) is not in the store {store!r}",
                           hint="the store this machine sees is not the one the run was planned against")
+    if content is not None and content_digest(record) != content:
+        raise CaspecError(f"the upstream record `{role}` ({key[:12]}) changed after this step was keyed from it "
+                          "(another process replaced it, e.g. with --force): nothing was committed",
+                          hint="run again: the step is re-planned from the upstream outputs as they are now")
     return record
 
 

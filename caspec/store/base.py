@@ -31,11 +31,12 @@ class Record:
 
     def file(self, relpath: str) -> Path:
         """Path of the (read-only) stored object holding output ``relpath`` (always a local path; a remote
-        store's record fetches the object into its cache on first use)."""
+        store's record fetches the object into its cache on first use, and re-hashes a cached copy on its
+        first use in each process: a damaged or tampered copy is replaced by the store's own)."""
         assert self.store_root is not None
         digest = self.outputs[relpath]["digest"]
         path = self.store_root / "objects" / digest[:2] / digest
-        if self.fetch is not None and not path.exists():
+        if self.fetch is not None:
             self.fetch(digest, self.outputs[relpath].get("size"))
         return path
 

@@ -20,9 +20,13 @@ and nothing is cached for it.
 Commit: objects first (each uploaded unless the bucket already has one of the right size, younger than
 half the gc grace period, that this process has not seen corrupt), then the record with a create-only write: ``fs.pipe_file(..., mode="create")``,
 which s3fs sends as ``PutObject`` with ``If-None-Match: *`` (AWS S3, MinIO, R2, moto), so of two racing
-writers exactly one wins; the loser returns the winner's record (``committed`` False). fsspec's generic
-``mode="create"`` (``file://`` and most others) is an exists-check followed by a write: **not race-free**
-there (``memory://`` is, within one process). The loser's own uploaded objects (if any were new) stay
+writers exactly one wins; the loser returns the winner's record (``committed`` False). S3's 409
+(ConditionalRequestConflict: another conditional write of the key in flight) counts as a lost race too: the
+loser waits for the winner's record to be readable (:data:`RACE_WAITS`) and adopts it. On ``file://`` caspec
+writes create-only itself (temporary file, then a hard link: atomic, never half-written). fsspec's generic
+``mode="create"`` (most other backends) is an exists-check followed by a write, **not race-free**: such a
+backend is refused unless ``CASPEC_ALLOW_UNSAFE_STORE=1`` says that one process at a time writes
+(``memory://`` is race-free within one process). The loser's own uploaded objects (if any were new) stay
 in the bucket unreferenced until gc; its staged files are removed with its staging dir.
 
 Decisions worth knowing:
@@ -42,6 +46,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -65,8 +70,13 @@ DEFAULT_LEASE_SECONDS = 120.0
 DEFAULT_GC_GRACE_SECONDS = 24 * 3600.0
 DEFAULT_LOCK_TIMEOUT = 6 * 3600.0
 LEASE_POLL_SECONDS = 1.0
+RACE_WAITS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
+"""Waits (s) for a racing writer's record to become readable after a lost conditional write."""
 _HELD_LEASES: set[str] = set()  # owners of the leases this process holds now
 _ATOMIC_CREATE = {"s3", "s3a", "memory"}  # protocols whose mode="create" is a real conditional write
+_LOCAL_PROTOCOLS = {"file", "local"}  # caspec commits these create-only itself (temp file + hard link)
+UNSAFE_ENV = "CASPEC_ALLOW_UNSAFE_STORE"
+"""Set to 1 to use a backend without a create-only write anyway (one writer at a time, your responsibility)."""
 
 
 def default_cache() -> Path:
@@ -130,9 +140,17 @@ def _redact_text(exc: Any, url: str) -> str:
     return text
 
 
+class RepairedObjectWarning(UserWarning):
+    """A cached object did not match its digest and was replaced by the store's copy."""
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    return tuple(fs.protocol) if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+
+
 def _is_atomic_create(fs: Any) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return any(p in _ATOMIC_CREATE for p in protocols)
+    """Whether the backend's ``mode="create"`` is a real conditional write (caspec's own for local files)."""
+    return any(p in _ATOMIC_CREATE or p in _LOCAL_PROTOCOLS for p in _protocols(fs))
 
 
 class RemoteStore(RecordLookups):
@@ -154,11 +172,19 @@ class RemoteStore(RecordLookups):
         self.lease_seconds = lease_seconds
         self.gc_grace_seconds = gc_grace_seconds
         self.durable = durable
+        self._local = any(p in _LOCAL_PROTOCOLS for p in _protocols(self.fs))
         self.atomic_create = _is_atomic_create(self.fs)
+        if not self.atomic_create and os.environ.get(UNSAFE_ENV, "").strip() not in ("1", "true", "yes"):
+            raise StoreError(
+                f"store {self.shown}: `{_protocols(self.fs)[0]}://` offers no create-only write, so two machines "
+                "committing the same step could both win, and a reader could see a half-written record",
+                hint=f"share a store on s3:// (If-None-Match), memory:// or a local folder; or set {UNSAFE_ENV}=1 "
+                     "if only one process at a time ever writes to it")
         self._version_ok = False
         self._ready = False
         self._bad: set[str] = set()  # digests whose remote copy was found corrupt in this process
         self._verified: dict[str, tuple[int, ...]] = {}
+        self.repaired: list[str] = []  # digests whose cached copy was damaged and replaced in this process
 
     def __repr__(self) -> str:
         return f"RemoteStore({self.shown!r}, cache={str(self.root)!r})"
@@ -223,11 +249,20 @@ class RemoteStore(RecordLookups):
             return None
 
     def _write(self, path: str, data: bytes, doing: str, *, create: bool = False) -> bool:
-        """Write ``data`` at ``path``; with ``create`` only if absent (False if it existed)."""
+        """Write ``data`` at ``path``; with ``create`` only if absent: False if it existed (S3's 412), or if
+        another conditional write of it was in flight (S3's 409 ConditionalRequestConflict, which s3fs raises
+        as an ``OSError``): either way another writer's object is, or is about to be, there."""
         try:
             with self._io(doing, missing_ok=False):
-                if create:
-                    self.fs.pipe_file(path, data, mode="create")
+                if create and self._local:
+                    _create_local(self.fs, path, data)
+                elif create:
+                    try:
+                        self.fs.pipe_file(path, data, mode="create")
+                    except OSError as exc:
+                        if _is_conflict(exc):
+                            raise FileExistsError(str(exc)) from None
+                        raise
                 else:
                     self.fs.pipe_file(path, data)
         except FileExistsError:
@@ -352,9 +387,24 @@ class RemoteStore(RecordLookups):
 
     def _fetch(self, digest: str, size: int | None) -> bool:
         """Make sure the object is in the cache and hashes right (download it if needed). False if the
-        bucket has no such object or its bytes do not hash to ``digest`` (then nothing is cached)."""
-        if self._cache_ok(self._cached_path(digest), digest, size):
+        bucket has no such object or its bytes do not hash to ``digest`` (then nothing is cached). A cached
+        copy that does not hash right (damaged, tampered) is replaced, said with a
+        :class:`RepairedObjectWarning` and listed in :attr:`repaired`."""
+        cached = self._cached_path(digest)
+        if self._cache_ok(cached, digest, size):
             return True
+        damaged = cached.exists()
+        if not self._download(digest, size):
+            return False
+        if damaged:
+            self.repaired.append(digest)
+            warnings.warn(RepairedObjectWarning(f"the cached copy of object {digest[:12]} in {self.root} did not "
+                                                "match its digest (damaged or tampered): replaced by the store's"),
+                          stacklevel=3)
+        return True
+
+    def _download(self, digest: str, size: int | None) -> bool:
+        """Download an object into the cache, hashed first; False if absent from the bucket or corrupt there."""
         self._ensure_cache()
         fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", prefix=f".fetch.{digest[:12]}.")
         os.close(fd)
@@ -375,7 +425,8 @@ class RemoteStore(RecordLookups):
 
     def verify(self, record: Record) -> list[str]:
         """Relpaths of ``record`` whose object is missing from the bucket or does not hash to its digest;
-        every other object is in the local cache afterwards (fetched once per machine)."""
+        every other object is in the local cache afterwards (fetched once per machine). Cached copies that
+        had to be replaced are reported (:attr:`repaired`, :class:`RepairedObjectWarning`)."""
         self._check_version()
         return [rel for rel, entry in sorted(record.outputs.items())
                 if not self._fetch(entry["digest"], entry.get("size"))]
@@ -528,11 +579,23 @@ class RemoteStore(RecordLookups):
             return existing  # first record wins; the staged files stay where they are
         for rel, path in files:
             self._put_object(path, outputs[rel]["digest"], outputs[rel]["size"])
-        if overwrite or not self._write_record(key, data):
-            if not overwrite and (existing := self._intact_record(key)) is not None:
+        if overwrite:
+            self._write_record(key, data, replace=True)
+        elif not self._write_record(key, data):
+            if (existing := self._winner(key)) is not None:
                 return existing  # another writer committed it while we uploaded our objects
-            self._write_record(key, data, replace=True)  # overwrite, or the existing one is corrupt
+            self._write_record(key, data, replace=True)  # the existing record is corrupt (or never appeared)
         return record
+
+    def _winner(self, key: str) -> Record | None:
+        """After a lost create-only write: the other writer's record once it is readable and intact (it may
+        still be in flight after a 409), None if it stays absent or is corrupt."""
+        for delay in RACE_WAITS:
+            record = self._load_record(key, warn=False)
+            if record is not None:
+                return record if not self.verify(record) else None
+            time.sleep(delay)
+        return None
 
     # ---------------------------------------------------------------- state
 
@@ -626,6 +689,29 @@ class RemoteStore(RecordLookups):
         except FileNotFoundError:
             return []
         return sorted(found.items())
+
+
+def _create_local(fs: Any, path: str, data: bytes) -> None:
+    """A create-only write on a local file system: the bytes go to a temporary file beside ``path``, which is
+    then hard-linked to ``path`` (``FileExistsError`` if it exists): atomic, and never half-written."""
+    target = Path(fs._strip_protocol(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.link(tmp, target)
+    finally:
+        with suppress(OSError):
+            os.unlink(tmp)
+
+
+def _is_conflict(exc: OSError) -> bool:
+    """S3's 409 ConditionalRequestConflict on a conditional write, as s3fs raises it."""
+    text = str(exc)
+    return exc.errno == errno.EBUSY or "ConditionalRequestConflict" in text or "(409)" in text
 
 
 def _age_seconds(info: dict[str, Any]) -> float | None:
