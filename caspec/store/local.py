@@ -60,6 +60,7 @@ from ..errors import StoreError
 from .base import GcReport, Record
 from .common import (STORE_VERSION, CorruptRecord, CorruptRecordWarning, RecordLookups, check_key, check_spec_name,
                      encode_json, parse_record, pid_alive, record_body, reopen, scan_staged, valid_key)
+from .faults import wrote
 from .hashing import sha256_file
 
 try:  # POSIX only; elsewhere gc and commits are not mutually excluded
@@ -294,6 +295,7 @@ class LocalStore(RecordLookups):
             self.root.mkdir(parents=True, exist_ok=True)
             if not (self.root / "VERSION").exists():
                 _atomic_write(self.root / "VERSION", f"{STORE_VERSION}\n".encode(), self.durable)
+                wrote("VERSION")
             for name in _SUBDIRS:
                 (self.root / name).mkdir(exist_ok=True)
         self._check_version()
@@ -513,6 +515,7 @@ class LocalStore(RecordLookups):
                 raise
             self._copy_in(src, dest)
         self._verified.pop(str(dest), None)
+        wrote(f"object {digest[:12]}")
 
     def _write_record(self, path: Path, data: bytes, *, replace: bool = False) -> bool:
         """The commit point: write a record atomically; create-only unless ``replace``. False if a record
@@ -520,8 +523,12 @@ class LocalStore(RecordLookups):
         path.parent.mkdir(exist_ok=True)
         if replace:
             _atomic_write(path, data, self.durable)
+            wrote(f"record {path.stem[:12]}")
             return True
-        return _create_only_write(path, data, self.durable)
+        created = _create_only_write(path, data, self.durable)
+        if created:
+            wrote(f"record {path.stem[:12]}")
+        return created
 
     def _intact_record(self, key: str) -> Record | None:
         """The record for ``key`` if it parses and its objects verify (what a commit must not replace)."""
@@ -589,6 +596,7 @@ class LocalStore(RecordLookups):
         self._ensure()
         with self._oserrors(f"writing the state of {spec_name}"), self._gc_guard(shared=True):
             _atomic_write(self._state_path(spec_name), data, self.durable)
+        wrote(f"state {spec_name}")
 
     # ---------------------------------------------------------------- gc
 

@@ -64,6 +64,7 @@ from ..errors import StoreError
 from .base import GcReport, Record
 from .common import (STORE_VERSION, CorruptRecord, RecordLookups, CorruptRecordWarning, check_key, check_spec_name,
                      encode_json, parse_record, pid_alive, record_body, reopen, scan_staged, valid_key)
+from .faults import wrote
 from .hashing import sha256_file
 
 DEFAULT_LEASE_SECONDS = 120.0
@@ -267,6 +268,7 @@ class RemoteStore(RecordLookups):
                     self.fs.pipe_file(path, data)
         except FileExistsError:
             return False
+        wrote(path.rsplit("/", 2)[-2] if "/" in path else path)
         return True
 
     def _delete(self, path: str, doing: str) -> None:
@@ -546,6 +548,7 @@ class RemoteStore(RecordLookups):
             with self._io(f"uploading object {digest[:12]}", missing_ok=False):
                 self.fs.put_file(str(src), self._object_path(digest))
             self._bad.discard(digest)
+            wrote(f"object {digest[:12]}")
         if self._cache_ok(self._cached_path(digest), digest, size):
             src.unlink()
         else:
