@@ -2,7 +2,7 @@
 
 Writes OUT/gpu-bench.json and OUT/gpu-bench.md (both rewritten after every section, so a run that is
 killed still leaves what it finished) and prints the markdown. What is measured, and how, is the
-docstring of caspec/perf/gpu_bench.py.
+docstring of bench/gpu_bench/__init__.py (the harness, a package next to this file).
 
 Usage:
   python bench/gpu.py --size sd15 --device cuda --out DIR [--phase1-steps N --phase2-steps N] [--quick]
@@ -24,13 +24,15 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+for _path in (ROOT, BENCH):  # caspec from this working tree (not installed on the GPU machine); gpu_bench
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 
 def _write(out: Path, report: dict) -> str:
-    from caspec.perf.gpu_bench import markdown
+    from gpu_bench import markdown
 
     text = markdown(report)
     for name, data in (("gpu-bench.json", json.dumps(report, indent=1, default=str) + "\n"), ("gpu-bench.md", text)):
@@ -41,7 +43,7 @@ def _write(out: Path, report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from caspec.perf.gpu_bench import PRESET_NAMES, SECTIONS, run_benchmark, settings_for
+    from gpu_bench import PRESET_NAMES, SECTIONS, run_benchmark, settings_for
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=PRESET_NAMES, default="sd15")

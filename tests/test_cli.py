@@ -99,6 +99,7 @@ def test_review_without_step_serves_the_gallery(tmp_path):
     import signal
     import subprocess
     import sys
+    import urllib.error
     import urllib.request
 
     path = spec(tmp_path, """
@@ -110,14 +111,19 @@ def test_review_without_step_serves_the_gallery(tmp_path):
                             text=True, env=os.environ.copy(),  # Ctrl-C must work even in a background job
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        url = None
+        url = token = None
         for line in proc.stderr:
-            found = re.search(r"http://127\.0\.0\.1:\d+/", line)
+            found = re.search(r"(http://127\.0\.0\.1:\d+/)\?token=([A-Za-z0-9_-]+)", line)
             if found:
-                url = found.group(0)
+                url, token = found.groups()
                 break
-        assert url, "the gallery did not print its address"
-        with urllib.request.urlopen(url + "api/gates", timeout=10) as resp:
+        assert url and token, "the gallery did not print its address with its token"
+        try:
+            urllib.request.urlopen(url + "api/gates", timeout=10)
+            raise AssertionError("the gallery answered without its token")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 401
+        with urllib.request.urlopen(f"{url}api/gates?token={token}", timeout=10) as resp:
             gates = json.loads(resp.read())
         text = json.dumps(gates)
         assert "pick" in text and "caspec run" in text  # the gate is listed; its upstream has not run yet

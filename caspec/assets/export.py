@@ -202,17 +202,50 @@ def embedding_tensors(asset: Asset, token: str, single_key: str, *, aliases: boo
 
 
 def export_asset(asset: Asset, fmt: str, out: str | Path) -> list[Path]:
-    """Write ``asset`` in format ``fmt`` (one of :data:`FORMATS`) under ``out``; returns the files written."""
+    """Write ``asset`` in format ``fmt`` (one of :data:`FORMATS`) under ``out``; returns the files written.
+    An asset whose card keeps a LoRA time window also gets a model card saying so (:func:`window_card`)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if not asset.tokens:
         raise ValueError(f"asset {asset.name} has no pseudo-words to export")
     out = Path(out)
     if fmt == "diffusers":
-        return _export_diffusers(asset, out)
-    if fmt == "a1111":
-        return _export_a1111(asset, out)
-    return _export_bundle(asset, out)
+        written = _export_diffusers(asset, out)
+    elif fmt == "a1111":
+        written = _export_a1111(asset, out)
+    else:
+        written = _export_bundle(asset, out)
+    card = window_card(asset, fmt)
+    if card is not None:
+        name = "README.md" if fmt == "diffusers" else f"{adapter_name_for(asset.name)}.md"
+        written.append(atomic_write_bytes(written[-1].parent / name, card.encode("utf-8")))
+    return written
+
+
+def window_card(asset: Asset, fmt: str) -> str | None:
+    """A model card stating the asset's LoRA time window and what a tool without windows loses (None: no window)."""
+    kept = (asset.card or {}).get("lora_window")
+    if not isinstance(kept, dict) or not kept.get("window"):
+        return None
+    start, end = kept["window"]
+    how = "measured after training (`lora_window: auto`)" if kept.get("how") == "auto" else "set when it was trained"
+    lines = [f"# {asset.name}", "",
+             f"Pseudo-words: {', '.join(f'`{t}`' for t in asset.tokens)}.", "",
+             "## LoRA time window", "",
+             f"This asset's denoiser LoRA should act only while the sampler's noise level t/T is in "
+             f"[{start:g}, {end:g}] (1 = pure noise, 0 = the finished image); {how}. "
+             f"{kept.get('effect', '')}".strip(), "",
+             "caspec applies it in compose (`lora_windows: {asset: auto}`). This file format cannot carry it: a tool "
+             "that applies the LoRA at every step gets the asset's appearance *and* its pull on the layout (for a "
+             "colour asset trained on centred images: objects drawn in the centre).", "",
+             "Where a tool can schedule a LoRA by step, keep it off for the first part of sampling, about the first "
+             f"{1 - end:.0%} of the steps (the exact share depends on the sampler's schedule): in ComfyUI with "
+             "LoRA hook keyframes (a keyframe at that start percent), in A1111 with an extension that gives a "
+             "LoRA start and stop steps. The text-encoder LoRA and the embeddings act throughout."]
+    if kept.get("profile"):
+        lines += ["", "| t/T | layout change | appearance change |", "|---|---|---|"]
+        lines += [f"| {r['t']:g} | {r['layout']:.4f} | {r['appearance']:.4f} |" for r in kept["profile"]]
+    return "\n".join(lines) + "\n"
 
 
 def _out_dir(out: Path) -> Path:
@@ -347,5 +380,5 @@ def _export_bundle(asset: Asset, out: Path) -> list[Path]:
     return [atomic_write_bytes(target, _kohya_file(asset, "bundle", words, bundle=True))]
 
 
-__all__ = ["FORMATS", "DIFFUSERS_LORA_FILE", "META_KEY", "export_asset", "word_for", "lora_layers", "kohya_name",
+__all__ = ["FORMATS", "DIFFUSERS_LORA_FILE", "META_KEY", "export_asset", "window_card", "word_for", "lora_layers", "kohya_name",
            "kohya_lora", "diffusers_lora", "with_text_model", "embedding_tensors"]

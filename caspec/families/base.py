@@ -286,6 +286,20 @@ class DiffusionSchedule:
         u = torch.rand(n, generator=g, dtype=torch.float64)
         return ((1.0 - u ** 3) * T).long().clamp(0, T - 1)
 
+    def at(self, t_over_T: float, n: int) -> Any:
+        """``n`` copies of the training timestep at noise level ``t_over_T``."""
+        import torch
+
+        t = min(max(int(round(t_over_T * self.num_train_timesteps)), 0), self.num_train_timesteps - 1)
+        return torch.full((n,), t, dtype=torch.long)
+
+    def clean(self, z_t: Any, pred: Any, t: Any) -> Any:
+        """The clean latent a prediction implies (ε or v)."""
+        ac = self.sched.alphas_cumprod.to(z_t.device)[t].float().reshape(-1, *([1] * (z_t.ndim - 1)))
+        if self.prediction_type == "epsilon":
+            return (z_t - (1 - ac).sqrt() * pred) / ac.sqrt()
+        return ac.sqrt() * z_t - (1 - ac).sqrt() * pred
+
     def noisy(self, z0: Any, noise: Any, t: Any) -> tuple[Any, Any]:
         """``(z_t, target)`` for clean latents ``z0``."""
         z_t = self.sched.add_noise(z0, noise, t)

@@ -64,6 +64,15 @@ class FlowSchedule:
         sigma = self.sched.sigmas.to(t.device)[index].flatten()
         return sigma.reshape(-1, *([1] * (ndim - 1)))
 
+    def at(self, t_over_T: float, n: int) -> Any:
+        """``n`` copies of the training timestep nearest noise level ``t_over_T``."""
+        index = int((self.sched.timesteps - t_over_T * self.num_train_timesteps).abs().argmin())
+        return self.sched.timesteps[index].repeat(n)
+
+    def clean(self, z_t: Any, pred: Any, t: Any) -> Any:
+        """The clean latent a velocity implies: ``z0 = z_t - σ v``."""
+        return z_t - self.sigmas(t, z_t.ndim).to(z_t.dtype) * pred
+
     def noisy(self, z0: Any, noise: Any, t: Any) -> tuple[Any, Any]:
         sigma = self.sigmas(t, z0.ndim).to(z0.dtype)
         return (1.0 - sigma) * z0 + sigma * noise, noise - z0

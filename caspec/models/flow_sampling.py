@@ -401,7 +401,11 @@ def _denoise(pipe: Any, sched: Any, start: int, batch: _Batch, guidance: float |
                        dtype=torch.float32).expand(n)
     latents = batch.latents
     sched.set_begin_index(start)
+    hook = getattr(pipe, "step_hook", None)
+    T = float(sched.config.num_train_timesteps)
     for t in sched.timesteps[start:]:
+        if hook is not None:
+            hook(float(t) / T)
         timestep = t.expand(n).to(latents.dtype)
         v = _velocity(pipe, latents, batch.ref, batch.cond, timestep, g, txt_ids, img_ids)
         if batch.uncond is not None:

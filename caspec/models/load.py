@@ -404,6 +404,7 @@ class Pipe:
     text_encoder_2: Any = None
     force_zeros_for_empty_prompt: bool = False  # SDXL: an empty negative prompt is all zeros, not encoded ""
     expansions: dict[str, list[str]] = field(default_factory=dict)
+    step_hook: Any = None  # called with t/T before each denoiser call of a sampler (compose's LoRA windows)
 
     @property
     def kind(self) -> families.Family:

@@ -137,7 +137,11 @@ def _denoise(
     both = TextCond.cat([uncond, cond]) if uncond is not None else cond
     resolution = latents.shape[-1] * pipe.vae_scale_factor
     extra = added_cond(pipe, both, resolution)
+    hook = getattr(pipe, "step_hook", None)
+    T = float(sched.config.num_train_timesteps)
     for t in timesteps:
+        if hook is not None:
+            hook(float(t) / T)
         model_in = torch.cat([latents] * 2) if uncond is not None else latents
         model_in = sched.scale_model_input(model_in, t).to(pipe.dtype)
         noise_pred = pipe.unet(model_in, t, encoder_hidden_states=both.embeds, added_cond_kwargs=extra,

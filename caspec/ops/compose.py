@@ -4,6 +4,8 @@ One pipeline is loaded once with every asset's embeddings and LoRA adapters (one
 per prompt, the adapters' scales follow the paper (section 3.4): the asset whose pseudo-word comes first
 in the prompt at `first_scale` (0.8), each later one at `later_scale` (0.5), unused ones at 0 — so an
 asset a prompt does not use contributes nothing to it. `asset_scales` fixes an asset's scale instead.
+`lora_windows` confines an asset's denoiser LoRA to a span of the sampling trajectory (t/T), applied by
+the sampler's per-step hook (:func:`window_hook`), on every family.
 Assets come from `concepts` steps (upstream) or asset folders (paths, hashed into the key).
 """
 from __future__ import annotations
@@ -50,7 +52,8 @@ class ComposeOp(Op):
                 "first_scale": step.first_scale, "later_scale": step.later_scale,
                 "asset_scales": [step.asset_scales.get(a) for a in step.assets],
                 "assets": [{"source": "path" if _is_path(a) else "step"} for a in step.assets],
-                **({"same_seeds": True} if step.same_seeds else {})}
+                **({"same_seeds": True} if step.same_seeds else {}),
+                **({"lora_windows": [step.lora_windows.get(a) for a in step.assets]} if step.lora_windows else {})}
 
     def inputs(self, step: Any, spec_dir: Path) -> dict[str, Path]:
         return {f"asset{i}/{name}": (spec_dir / a / name).resolve()
@@ -72,12 +75,17 @@ class ComposeOp(Op):
             _check_base(ctx, i, asset)
             apply_asset(pipe, asset, lora_scale=0.0, adapter_name=f"asset{i}")
         _check_prompts(ctx, pipe, assets)
+        windows = resolved_windows(ctx, p.get("lora_windows"), assets)
         entries = []
         for j, prompt in enumerate(p["prompts"]):
             scales = prompt_scales(prompt, [a.tokens for a in assets], p["first_scale"], p["later_scale"],
                                    p["asset_scales"])
             set_scales(pipe, scales)
-            entries += self._render(ctx, pipe, j, prompt, scales, assets)
+            pipe.step_hook = window_hook(pipe, scales, windows)
+            try:
+                entries += self._render(ctx, pipe, j, prompt, scales, assets)
+            finally:
+                pipe.step_hook = None
             ctx.progress(len(entries), len(p["prompts"]) * p["images"], f"{ctx.step_id}: {prompt[:40]}")
         _contact_sheet(ctx.out_dir, entries)
         return {"images": entries}
@@ -129,6 +137,47 @@ def set_scales(pipe: Any, scales: list[float]) -> None:
     for i, scale in enumerate(scales):
         for _, module in pipe.lora_modules:
             set_lora_scale(module, f"asset{i}", scale)
+
+
+def resolved_windows(ctx: RunContext, windows: list[Any] | None, assets: list[Any]) -> list[list[float] | None] | None:
+    """Each asset's window: as given, or (``auto``) the one its card keeps (``lora_window``)."""
+    if not windows:
+        return None
+    names = list(getattr(ctx.extra.get("step"), "assets", [])) or [f"asset{i}" for i in range(len(assets))]
+    out: list[list[float] | None] = []
+    for i, window in enumerate(windows):
+        if window == "auto":
+            kept = (assets[i].card or {}).get("lora_window")
+            if not isinstance(kept, dict) or "window" not in kept:
+                raise StepFailed(ctx.step_id, f"`lora_windows: {{{names[i]}: auto}}`: the asset's card keeps no "
+                                 "lora_window", hint="train it with `train: {lora_window: auto}` (measured) or "
+                                 "give the window here as [start, end]")
+            window = kept["window"]  # None: measured, and no window helps this asset
+        out.append(list(window) if window is not None else None)
+    return out
+
+
+def window_hook(pipe: Any, scales: list[float], windows: list[list[float] | None] | None) -> Any:
+    """The sampler's per-step hook for LoRA time windows (None without windows): before each denoiser call at
+    ``t/T``, asset ``i``'s denoiser LoRA is set to ``scales[i]`` inside its window and to 0 outside, through
+    peft's per-layer scales (no second pass). Scales change only when a window opens or closes."""
+    if not windows or not any(windows):
+        return None
+    from ..assets.format import set_lora_scale
+
+    denoiser = pipe.denoiser
+    current: dict[int, float] = {}
+
+    def hook(t_over_T: float) -> None:
+        for i, window in enumerate(windows):
+            if window is None:
+                continue
+            want = scales[i] if window[0] <= t_over_T <= window[1] else 0.0
+            if current.get(i) != want:
+                set_lora_scale(denoiser, f"asset{i}", want)
+                current[i] = want
+
+    return hook
 
 
 def _check_base(ctx: RunContext, i: int, asset: Any) -> None:

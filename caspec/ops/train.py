@@ -168,4 +168,6 @@ def _card(ctx: RunContext, p: dict[str, Any], words: list[Any], captions: list[s
         # what the weights are, never how this run went (time, resumption: in the record's meta["run"]),
         # so a resumed or re-run training that makes the same weights makes the same card
         "result": {k: summary.get(k) for k in ("initial_loss", "final_loss", "steps")},
+        # the noise levels its denoiser LoRA should act in when composed (lora_window: set, or measured)
+        **({"lora_window": summary["lora_window"]} if summary.get("lora_window") else {}),
     }

@@ -221,6 +221,9 @@ class TrainSettings(_Model):
     preview_every: int = Field(0, ge=0, description="Render previews every N steps (0: only at the end).")
     cache_latents: bool = Field(True, description="VAE-encode each image once rather than every step.")
     flip: bool = Field(False, description="Random horizontal flips (augmentation).")
+    shift_px: int = Field(0, ge=0, le=256, description="Position augmentation: each training sample is translated by up to this many pixels in x and y (drawn per sample), the uncovered border filled with the image's background; the latents are cached per shift. For assets whose place is not the concept (a colour, a texture): it stops them pulling objects to where their training images had them. Refused for an asset whose words or caption are about place.")
+    lora_window: Annotated[list[Annotated[float, Field(ge=0, le=1)]], Field(min_length=2, max_length=2)] | Literal["auto"] | None = Field(None, description="The time window this asset's denoiser LoRA should act in when composed (`lora_windows: {asset: auto}`), kept in its card and exported model card: `[start, end]` in t/T, or `auto` (measured after training: the noise levels where the LoRA adds appearance rather than moving the layout).")
+    shift_phases: Literal["both", "phase2"] = Field("both", description="Which phases shift their samples: `both`, or only `phase2` (the LoRA phase).")
     t5_lora: bool = Field(False, description="FLUX.1: phase 2 also puts LoRA on T5 (off by default, as diffusers' Flux scripts; diffusers' Flux loader cannot load a T5 LoRA, the `a1111`/`bundle` exports carry it as kohya's `lora_te3_`, which ComfyUI and Forge read).")
 
     @model_validator(mode="after")
@@ -240,6 +243,17 @@ class ConceptStep(_Model):
     preview_prompts: list[str] | None = Field(None, description="Prompts rendered as previews (default: the first captions).")
     resolution: int | None = Field(None, ge=16, le=4096, multiple_of=8, description="Training resolution; default: the model's native size.")
 
+    @model_validator(mode="after")
+    def _no_shift_for_place(self) -> "ConceptStep":
+        if self.train.shift_px > 0:
+            from ..train.config import place_words
+
+            found = place_words([w.init for w in self.words] + [self.caption or ""])
+            if found:
+                raise ValueError(f"train.shift_px (position augmentation) moves the object, but this asset is about "
+                                 f"place (`{'`, `'.join(found)}` in its words or caption): leave shift_px at 0")
+        return self
+
     def caption_for(self, k: int) -> str:
         template = self.caption if self.caption is not None else " ".join(w.token for w in self.words)
         return template.replace("{k}", str(k))
@@ -257,6 +271,16 @@ class ComposeStep(Sampling):
     later_scale: float = Field(0.5, ge=0, le=4, description="LoRA scale of each later asset in a prompt (paper: 0.5).")
     asset_scales: dict[str, Annotated[float, Field(ge=0, le=4)]] = Field(default_factory=dict, description="Fixed LoRA scale per asset (by the name used in `assets`), overriding the first/later rule.")
     same_seeds: bool = Field(False, description="Derive each image's seed from its prompt with the pseudo-words masked, so that prompts differing only in whose pseudo-words they use (`a red <spot-ti>`, `a red <spot-lora>`) get the same seeds: methods compared on the same noise. Default: from the whole prompt.")
+    lora_windows: dict[str, Annotated[list[Annotated[float, Field(ge=0, le=1)]], Field(min_length=2, max_length=2)] | Literal["auto"]] = Field(default_factory=dict, description="A time window per asset (by the name used in `assets`): `[start, end]` in t/T (1 = pure noise, 0 = the image), or `auto`: the window kept in the asset's card (its `lora_window`, measured or set when it was trained). The asset's denoiser LoRA acts only while the sampler's t/T is inside it; its embeddings and text-encoder LoRA act throughout. `[0, 0.6]` keeps a LoRA out of the early steps, where the layout is decided.")
+
+    @model_validator(mode="after")
+    def _windows(self) -> "ComposeStep":
+        for name, window in self.lora_windows.items():
+            if name not in self.assets:
+                raise ValueError(f"lora_windows names `{name}`, which is not one of `assets`")
+            if window != "auto" and window[0] > window[1]:
+                raise ValueError(f"lora_windows.{name}: [start, end] with start <= end (got {window})")
+        return self
 
     @field_validator("prompts", "assets", mode="before")
     @classmethod

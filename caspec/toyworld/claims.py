@@ -84,7 +84,8 @@ def _plan(loaded: Any, store: Any) -> Any:
     return _PLANS[key]
 
 
-def _reads(images: list[tuple[Any, dict[str, Any]]]) -> list[tuple[Any, dict[str, Any]]]:
+def reads(images: list[tuple[Any, dict[str, Any]]]) -> list[tuple[Any, dict[str, Any]]]:
+    """``(reading or None, entry)`` per image: the exact reader's attributes (None: nothing readable drawn)."""
     out = []
     for img, entry in images:
         try:
@@ -102,7 +103,7 @@ def _word(prompt: str, words: tuple[str, ...]) -> str | None:
 def training_images(loaded: Any, store: Any) -> list[dict[str, Any]]:
     """Image k of the spot concept (k = 1..N, in training order): its reading and its edit's colour word."""
     out = []
-    for k, (r, entry) in enumerate(_reads(step_images(loaded, store, "spot-picks")), 1):
+    for k, (r, entry) in enumerate(reads(step_images(loaded, store, "spot-picks")), 1):
         if r is None:
             raise RuntimeError(f"training image {k} of the spot concept is unreadable")
         out.append({"k": k, "hue": r.hue, "x": r.x, "y": r.y, "color": _word(entry.get("prompt", ""), COLOR_WORDS)
@@ -132,8 +133,8 @@ def part1(loaded: Any, store: Any) -> dict[str, Any]:
         return {"position_error": error_stats(place, PLACE_WITHIN), "color_followed": float(np.mean(followed)),
                 "images": len(rows)}
 
-    plain = [x for c in ("red", "cyan", "yellow") for x in _reads(step_images(loaded, store, f"plain-new-{c}"))]
-    out["a1_new"] = {"two-phase": new_colors(_reads(step_images(loaded, store, "a1-new"))),
+    plain = [x for c in ("red", "cyan", "yellow") for x in reads(step_images(loaded, store, f"plain-new-{c}"))]
+    out["a1_new"] = {"two-phase": new_colors(reads(step_images(loaded, store, "a1-new"))),
                      "plain": new_colors(plain)}
 
     # <A1> <Bk>: place of the root, hue of image k; plain: "a <colour of k> square at the left"
@@ -147,7 +148,7 @@ def part1(loaded: Any, store: Any) -> dict[str, Any]:
         return {"position_error": error_stats(place, PLACE_WITHIN), "hue_error": error_stats(hue, HUE_WITHIN),
                 "images": len(rows)}
 
-    mine = _reads(step_images(loaded, store, "a1-bk"))
+    mine = reads(step_images(loaded, store, "a1-bk"))
     plain_rows, plain_k = _plain_per_k(loaded, store, train, "left")
     out["a1_bk"] = {"two-phase": place_and_hue(mine, lambda e: _k_of(e["prompt"])),
                     "plain": place_and_hue(plain_rows, lambda e: plain_k[id(e)])}
@@ -162,7 +163,7 @@ def part1(loaded: Any, store: Any) -> dict[str, Any]:
         return {"hue_error": error_stats(hue, HUE_WITHIN), "position_followed": float(np.mean(right)),
                 "images": len(rows)}
 
-    mine = _reads(step_images(loaded, store, "bk-right"))
+    mine = reads(step_images(loaded, store, "bk-right"))
     plain_rows, plain_k = _plain_per_k(loaded, store, train, "right")
     out["bk_right"] = {"two-phase": hue_and_right(mine, lambda e: _k_of(e["prompt"])),
                        "plain": hue_and_right(plain_rows, lambda e: plain_k[id(e)])}
@@ -174,7 +175,7 @@ def _plain_per_k(loaded: Any, store: Any, train: dict[int, dict[str, Any]], wher
     one colour; each compared with image k's own hue)."""
     rows, k_of = [], {}
     for k, t in train.items():
-        for r, entry in _reads(step_images(loaded, store, f"plain-{where}-{t['color']}")):
+        for r, entry in reads(step_images(loaded, store, f"plain-{where}-{t['color']}")):
             entry = dict(entry)
             rows.append((r, entry))
             k_of[id(entry)] = k
@@ -184,7 +185,7 @@ def _plain_per_k(loaded: Any, store: Any, train: dict[int, dict[str, Any]], wher
 def part2(loaded: Any, store: Any) -> dict[str, Any]:
     out = {}
     for sid, rule in MIXES.items():
-        rows = _reads(step_images(loaded, store, sid))
+        rows = reads(step_images(loaded, store, sid))
         place = [attribute_error("spot", r) if r is not None else math.inf for r, _ in rows]
         hue = [hue_distance(r.hue, HUE.hue) if r is not None else math.inf for r, _ in rows]
         both = [p <= PLACE_WITHIN and h <= HUE_WITHIN for p, h in zip(place, hue)]
@@ -229,7 +230,7 @@ def _new_color_row(images: list[tuple[Any, dict[str, Any]]], clip: Any | None) -
     """Position error against the root, the share showing the prompt's new colour, and the CLIP consistencies
     (the pseudo-words read as "square", as the paper's metrics describe a concept in words)."""
     place, followed = [], []
-    for r, entry in _reads(images):
+    for r, entry in reads(images):
         followed.append(r is not None and r.color_name == _word(entry.get("prompt", ""), COLOR_WORDS))
         if r is not None:
             place.append(attribute_error("spot", r))
@@ -264,7 +265,7 @@ def part2_three(loaded: Any, store: Any) -> dict[str, Any]:
     """Three assets in one prompt: how often each attribute, and all of them at once, is exact."""
     out = {}
     for sid, rule in MIXES3.items():
-        rows = [r for r, _ in _reads(step_images(loaded, store, sid))]
+        rows = [r for r, _ in reads(step_images(loaded, store, sid))]
         hits = {"place": [r is not None and attribute_error("spot", r) <= PLACE_WITHIN for r in rows],
                 "hue": [r is not None and hue_distance(r.hue, HUE.hue) <= HUE_WITHIN for r in rows],
                 "size": [r is not None and abs(r.size - SIZE.size) <= SIZE_WITHIN for r in rows],
@@ -282,6 +283,6 @@ def measure(loaded: Any, store: Any) -> dict[str, Any]:
     return {"part1": part1(loaded, store), "part2": part2(loaded, store), "part2_three": part2_three(loaded, store)}
 
 
-__all__ = ["measure", "part1", "part2", "ablation", "described", "step_images", "step_ids", "training_images", "MIXES",
+__all__ = ["measure", "part1", "part2", "ablation", "described", "step_images", "reads", "step_ids", "training_images", "MIXES",
            "MIXES3", "part2_three", "SIZE_WITHIN",
            "VARIATIONS", "ABLATION_STEPS", "ABLATION_BASELINES", "NEW_COLORS", "PLACE_WITHIN", "HUE_WITHIN"]

@@ -12,6 +12,23 @@ from typing import Any
 ROLES = ("constant", "varied")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 TIMESTEP_SAMPLINGS = ("uniform", "cubic")
+SHIFT_PHASES = ("both", "phase2")
+PLACE_WORDS = frozenset("""left right top bottom center centre middle corner corners edge edges side sides upper lower
+above below beside near far place position positions location spot here there""".split())
+"""Words about place: an asset whose init words or captions use one learns where, and position augmentation
+(which moves the object) is refused for it."""
+
+
+def place_words(texts: list[str]) -> list[str]:
+    """The words of :data:`PLACE_WORDS` that ``texts`` use (angle-bracketed pseudo-words ignored)."""
+    import re
+
+    found = []
+    for text in texts:
+        for word in re.findall(r"[A-Za-z]+", re.sub(r"<[^<>]*>", " ", text or "")):
+            if word.lower() in PLACE_WORDS and word.lower() not in found:
+                found.append(word.lower())
+    return found
 
 
 @dataclass(frozen=True)
@@ -75,6 +92,9 @@ class TrainConfig:
     cache_latents: bool = True  # VAE-encode each training image once instead of every step
     flip: bool = False  # random horizontal flips (augmentation)
     t5_lora: bool = False  # FLUX.1: phase 2 also puts LoRA on T5 (diffusers' Flux loader cannot load it)
+    shift_px: int = 0  # position augmentation: each sample translated by up to this many pixels (0: off)
+    shift_phases: str = "both"  # both | phase2: which phases shift their samples
+    lora_window: Any = None  # [start, end] in t/T (recorded in the card), "auto" (measured), or None
 
     def __post_init__(self) -> None:
         # accept lists (from YAML/JSON) for the target tuples
@@ -123,6 +143,14 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, got {self.mixed_precision!r}")
         if self.min_snr_gamma is not None:
             positive("min_snr_gamma")
+        integer("shift_px", 0)
+        w = self.lora_window
+        if not (w is None or w == "auto" or (isinstance(w, (list, tuple)) and len(w) == 2
+                                             and all(isinstance(x, (int, float)) and 0 <= x <= 1 for x in w)
+                                             and w[0] <= w[1])):
+            raise ValueError(f"lora_window must be [start, end] with 0 <= start <= end <= 1, or \"auto\", got {w!r}")
+        if self.shift_phases not in SHIFT_PHASES:
+            raise ValueError(f"shift_phases must be one of {', '.join(SHIFT_PHASES)}, got {self.shift_phases!r}")
         if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(f"timestep_sampling must be one of {', '.join(TIMESTEP_SAMPLINGS)}, "
                              f"got {self.timestep_sampling!r}")
@@ -146,7 +174,8 @@ NON_NUMERIC_SETTINGS = frozenset({"checkpoint_every", "preview_every"})
 
 # settings added after keys were first published, with the default they had implicitly before: at that
 # value they are left out of cache keys and checkpoint fingerprints, so older keys stay valid
-LATER_SETTINGS = {"timestep_sampling": "uniform", "t5_lora": False}
+LATER_SETTINGS = {"timestep_sampling": "uniform", "t5_lora": False, "shift_px": 0, "shift_phases": "both",
+                  "lora_window": None}
 
 
 def keyed_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -154,5 +183,5 @@ def keyed_settings(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
 
 
-__all__ = ["PseudoWord", "TrainConfig", "ROLES", "MIXED_PRECISIONS", "TIMESTEP_SAMPLINGS", "NON_NUMERIC_SETTINGS",
+__all__ = ["PseudoWord", "TrainConfig", "ROLES", "SHIFT_PHASES", "PLACE_WORDS", "place_words", "MIXED_PRECISIONS", "TIMESTEP_SAMPLINGS", "NON_NUMERIC_SETTINGS",
            "LATER_SETTINGS", "keyed_settings"]

@@ -101,6 +101,24 @@ def train_concept(
 # ---------------------------------------------------------------------------------------------
 
 
+def background(image: Image.Image) -> tuple[int, ...]:
+    """The image's background colour: the most common colour of its border pixels."""
+    import numpy as np
+
+    a = np.asarray(image.convert("RGB"))
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    colours, counts = np.unique(border.reshape(-1, 3), axis=0, return_counts=True)
+    return tuple(int(c) for c in colours[counts.argmax()])
+
+
+def shifted(image: Image.Image, dx: int, dy: int) -> Image.Image:
+    """``image`` translated by ``(dx, dy)`` pixels, the uncovered border filled with its background colour."""
+    rgb = image.convert("RGB")
+    out = Image.new("RGB", rgb.size, background(rgb))
+    out.paste(rgb, (int(dx), int(dy)))
+    return out
+
+
 def _check_inputs(pipe: Any, words: list[PseudoWord], items: list[tuple[Image.Image, str]], cfg: TrainConfig,
                   preview_prompts: list[str] | None, stop_after: int | None) -> None:
     from ..models import load as model_load
@@ -136,6 +154,13 @@ def _check_inputs(pipe: Any, words: list[PseudoWord], items: list[tuple[Image.Im
         raise ValueError("preview_prompts must be a list of strings")
     if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after must be a positive integer, got {stop_after!r}")
+    if cfg.shift_px:
+        from .config import place_words
+
+        found = place_words([w.init_word for w in words] + [c for _, c in items])
+        if found:
+            raise ValueError(f"shift_px (position augmentation) moves the object, but this asset is about place "
+                             f"(`{'`, `'.join(found)}` in its words or captions): leave shift_px at 0")
     if cfg.mixed_precision == "fp16" and pipe.device.type != "cuda":
         raise ValueError("mixed_precision fp16 needs a CUDA device; on the CPU use `no` or `bf16`")
     if cfg.phase2_steps > 0:
@@ -291,13 +316,15 @@ class _Trainer:
             n += w.vectors
         raise KeyError(token)
 
-    def _latent(self, k: int, flipped: bool) -> torch.Tensor:
-        key = (k, flipped)
+    def _latent(self, k: int, flipped: bool, shift: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        key = (k, flipped, *shift) if any(shift) else (k, flipped)
         z = self.latent_cache.get(key)
         if z is None:
             image = self.items[k][0]
             if flipped:
                 image = image.convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            if any(shift):
+                image = shifted(image, *shift)
             z = self.pipe.kind.sampler.encode_image(self.pipe, image, self.resolution).clone()  # out of inference mode
             if self.cfg.cache_latents:
                 self.latent_cache[key] = z
@@ -365,7 +392,12 @@ class _Trainer:
             base = (s * ga + a) * bs
             idx = [self._sample_index(base + j) for j in range(bs)]
             flips = (torch.rand(bs, generator=g) < 0.5).tolist() if cfg.flip else [False] * bs
-            z0 = torch.cat([self._latent(k, f) for k, f in zip(idx, flips)]).to(self.device, torch.float32)
+            shifts = [(0, 0)] * bs
+            if cfg.shift_px and (cfg.shift_phases == "both" or s >= cfg.phase1_steps):
+                d = torch.randint(-cfg.shift_px, cfg.shift_px + 1, (bs, 2), generator=g).tolist()
+                shifts = [(int(dx), int(dy)) for dx, dy in d]
+            z0 = torch.cat([self._latent(k, f, sh) for k, f, sh in zip(idx, flips, shifts)]).to(self.device,
+                                                                                                 torch.float32)
             noise = torch.randn(z0.shape, generator=g, dtype=torch.float32).to(self.device)
             t = self.schedule.timesteps(bs, g, self.cfg.timestep_sampling).to(self.device)
             z_t, target = self.schedule.noisy(z0, noise, t)
@@ -510,11 +542,13 @@ class _Trainer:
                 self._teardown()
                 raise
             self._teardown()
+            window = self._window()
             self._write_asset()
             self._previews(self.total)
         losses = [r["loss"] for r in self.log_records]
         w = min(LOSS_WINDOW, len(losses))
         return {
+            **({"lora_window": window} if window is not None else {}),
             "initial_loss": sum(losses[:w]) / w if w else None,
             "final_loss": sum(losses[-w:]) / w if w else None,
             "loss_window": w,
@@ -601,6 +635,24 @@ class _Trainer:
             for p in module.parameters():
                 p.requires_grad_(False)
                 p.grad = None
+
+    def _window(self) -> dict[str, Any] | None:
+        """The asset's LoRA window for its card: as set, or measured (``auto``, :mod:`caspec.train.window`)."""
+        w = self.cfg.lora_window
+        if w is None:
+            return None
+        if w != "auto":
+            return {"window": [float(w[0]), float(w[1])], "how": "set"}
+        if not self.lora_on:
+            return {"window": None, "how": "auto", "effect": "no window: the asset has no LoRA"}
+        from ..models.text import encode_ids
+        from .window import measure
+
+        latents = torch.cat([self._latent(k, False) for k in range(len(self.items))]).to(self.device, torch.float32)
+        with torch.no_grad():
+            cond = encode_ids(self.pipe, self.caption_ids).to(self.pipe.dtype)
+        g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, "window", 0))
+        return measure(self.pipe, self.schedule, latents, cond, self.adapter, self.resolution, g)
 
     def _rows(self, comp: str) -> dict[str, torch.Tensor]:
         """token -> its trained rows for ``comp`` (``[d]`` for a one-vector word, else ``[n, d]``)."""

@@ -1,1 +1,0 @@
-"""Performance measurement of caspec (benchmarks that run inside the package; see ``gpu_bench``)."""
