@@ -39,6 +39,10 @@ class TrainOp(Op):
         defaults = (family or families.get("sd1")).default_targets  # unset targets: the family's
         settings["unet_targets"] = list(settings["unet_targets"] or defaults["unet"])
         settings["text_targets"] = list(settings["text_targets"] or defaults["text"])
+        if settings.get("lora_window") == "auto":  # the measurement's version decides the card's window
+            from ..train.window import VERSION
+
+            settings["window_measure"] = VERSION
         settings["seed"] = spec.defaults.seed if settings["seed"] is None else settings["seed"]
         settings["lora_alpha"] = float(settings["lora_alpha"] or settings["lora_rank"])
         # `vectors` (and the LATER_SETTINGS) enter the key only when not the default: older keys stay valid
@@ -74,7 +78,7 @@ class TrainOp(Op):
         items = [(fit_square(Image.open(source.file(img["file"])).convert("RGB"), res), cap)
                  for img, cap in zip(images, captions)]
         run_settings = _run_settings(ctx)
-        cfg = TrainConfig(**{**p["train"], **run_settings, "unet_targets": tuple(p["train"]["unet_targets"]),
+        cfg = TrainConfig(**{**{k: v for k, v in p["train"].items() if k != "window_measure"}, **run_settings, "unet_targets": tuple(p["train"]["unet_targets"]),
                              "text_targets": tuple(p["train"]["text_targets"])})
         total = cfg.phase1_steps + cfg.phase2_steps
 

@@ -17,9 +17,10 @@ import numpy as np
 from .claims import HUE_WITHIN, PLACE_WITHIN, SIZE_WITHIN, reads, step_images
 from .experiment import HUE, SIZE, attribute_error, hue_distance
 
-TWO = ("none", "w86", "w70", "w60", "w45", "hueoff", "spotoff", "aug8", "aug4p2", "aug4p2-w60")
+TWO = ("none", "w86", "w70", "w60", "w45", "auto", "hueoff", "spotoff", "aug8", "aug4p2", "aug4p2-w60")
 TWO_NAMES = {"none": "paper's rule (0.8 / 0.5), no options", "w86": "hue window [0, 0.86]",
              "w70": "hue window [0, 0.7]", "w60": "hue window [0, 0.6]", "w45": "hue window [0, 0.45]",
+             "auto": "hue window `auto` (measured after training, from its card)",
              "hueoff": "control: the hue asset's LoRA off", "spotoff": "control: the spot asset's LoRA off",
              "aug8": "hue trained with shift_px 8", "aug4p2": "hue trained with shift_px 4, phase 2 only",
              "aug4p2-w60": "shift_px 4 (phase 2) + hue window [0, 0.6]"}
@@ -45,17 +46,22 @@ def _two_hits(loaded: Any, store: Any, sid: str) -> dict[str, Any]:
             "centre": int(sum(centre))}
 
 
-def two_assets(loaded: Any, store: Any) -> dict[str, dict[str, Any]]:
-    """Every two-asset row, with the seeds on which it disagrees with its order's row without options."""
+def two_assets_rows(loaded: Any, store: Any, order: str, names: Any = TWO) -> dict[str, dict[str, Any]]:
+    """The two-asset rows ``<order>-<name>`` (``hf`` or ``sf``), with the seeds on which each disagrees with the
+    order's row without options."""
+    base = _two_hits(loaded, store, f"{order}-none")
     out: dict[str, dict[str, Any]] = {}
-    for order in ("hf", "sf"):
-        base = _two_hits(loaded, store, f"{order}-none")
-        for name in TWO:
-            row = base if name == "none" else _two_hits(loaded, store, f"{order}-{name}")
-            out[f"{order}-{name}"] = {**{k: v for k, v in row.items() if k != "both"}, "rule": TWO_NAMES[name],
-                                      "order": "hue first" if order == "hf" else "spot first",
-                                      "disagree": int(sum(a != b for a, b in zip(row["both"], base["both"])))}
+    for name in names:
+        row = base if name == "none" else _two_hits(loaded, store, f"{order}-{name}")
+        out[f"{order}-{name}"] = {**{k: v for k, v in row.items() if k != "both"}, "rule": TWO_NAMES[name],
+                                  "order": "hue first" if order == "hf" else "spot first",
+                                  "disagree": int(sum(a != b for a, b in zip(row["both"], base["both"])))}
     return out
+
+
+def two_assets(loaded: Any, store: Any) -> dict[str, dict[str, Any]]:
+    """Every two-asset row of both prompt orders (:func:`two_assets_rows`)."""
+    return {**two_assets_rows(loaded, store, "hf"), **two_assets_rows(loaded, store, "sf")}
 
 
 def three_assets(loaded: Any, store: Any) -> dict[str, dict[str, Any]]:
@@ -120,4 +126,4 @@ def targets(result: dict[str, Any]) -> list[tuple[str, bool, str]]:
     return out
 
 
-__all__ = ["measure", "two_assets", "three_assets", "one_asset", "targets", "TWO", "THREE", "ONE"]
+__all__ = ["measure", "two_assets", "two_assets_rows", "three_assets", "one_asset", "targets", "TWO", "THREE", "ONE"]

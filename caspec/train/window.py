@@ -10,11 +10,14 @@ difference ``D`` into
 * appearance: the spatial mean of ``D`` per channel (a global shift: colour, brightness);
 * layout: ``D`` pooled to 4 x 4 cells, minus its mean (a shift that differs across the image: things move).
 
-The window is ``[0, end]`` with ``end`` the highest ``t/T`` up to which appearance dominates layout at every
-level (layout / appearance <= 1): the LoRA then acts only where it adds what the asset is, not where it moves
-things. When layout dominates even at the lowest level the asset's LoRA *is* about layout (a place, a size):
-no window is proposed. The profile is kept in the asset's card, so the choice can be checked and redone.
-Works on every family (the schedule and the prediction come from it).
+The layout change is small and steady at low noise (the LoRA refines edges of what is there) and grows
+steeply where the layout is decided. The window is ``[0, end]`` with ``end`` the highest ``t/T`` up to which
+the layout change stays within :data:`GROWTH` times its median over the low-noise half (t/T <= 0.5): the LoRA
+then acts only where it adds what the asset is, not where it moves things. When the layout change grows
+already in the low-noise half, no window is proposed. The profile is kept in the asset's card, so the choice
+can be checked and redone. Works on every family (the schedule and the prediction come from it).
+
+Version :data:`VERSION` enters the key of a training that measures (``lora_window: auto``).
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 LEVELS = tuple(round(0.05 + 0.1 * i, 2) for i in range(10))
-DOMINANCE = 1.0
+GROWTH = 2.0
+VERSION = 2  # 2: the window closes where the layout change outgrows its low-noise median
 
 
 def split(delta: torch.Tensor) -> tuple[float, float]:
@@ -56,16 +60,29 @@ def measure(pipe: Any, schedule: Any, latents: torch.Tensor, cond: Any, adapter:
             profile.append({"t": level, "layout": round(layout, 6), "appearance": round(appearance, 6)})
     finally:
         set_lora_scale(denoiser, adapter, 1.0)
+    end = window_end(profile)
+    return {"window": None if end is None else [0.0, end], "how": "auto", "levels": list(LEVELS),
+            "profile": profile, "version": VERSION,
+            "effect": ("the denoiser LoRA acts only for t/T <= %s: above that its change of the layout grows past "
+                       "%g times its low-noise level (it starts deciding where things are)" % (end, GROWTH))
+            if end is not None else
+            "no window: the denoiser LoRA's change of the layout grows already at low noise"}
+
+
+def window_end(profile: list[dict[str, float]]) -> float | None:
+    """The highest level up to which the layout change stays within ``GROWTH`` x its low-noise median."""
+    import statistics
+
+    low = [row["layout"] for row in profile if row["t"] <= 0.5]
+    if not low:
+        return None
+    limit = GROWTH * statistics.median(low)
     end = None
     for row in profile:
-        if row["layout"] > DOMINANCE * row["appearance"]:
+        if row["layout"] > limit:
             break
         end = row["t"]
-    return {"window": None if end is None else [0.0, end], "how": "auto", "levels": list(LEVELS),
-            "profile": profile,
-            "effect": ("the denoiser LoRA acts only for t/T <= %s: above that it moved the layout more than it "
-                       "added the asset's appearance" % end) if end is not None else
-                      "no window: the denoiser LoRA moves the layout at every noise level (the asset is about it)"}
+    return end
 
 
-__all__ = ["measure", "split", "LEVELS"]
+__all__ = ["measure", "split", "window_end", "LEVELS", "GROWTH", "VERSION"]
