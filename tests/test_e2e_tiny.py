@@ -56,7 +56,7 @@ def test_demo_run_review_resume_and_cache(demo, tmp_path):
     png = Image.open(out / "robot-colors" / "s0-p1-c0.png")
     assert png.size == (64, 64)
     assert png.text["prompt"] == "a photo of a dancing purple robot"
-    assert png.text["key"] == plan_json(demo)["robot-colors"]["key"]
+    assert "key" not in png.text and "caspec_version" not in png.text  # nothing that changes when pixels do not
     assert int(png.text["seed"]) >= 0
     data = yaml.safe_load(manifest.read_text())
     assert len(data["candidates"]) == 6 and not any(c["keep"] for c in data["candidates"])

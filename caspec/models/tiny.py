@@ -146,7 +146,7 @@ _REQUIRED = (
 )
 
 
-def _version(dist: str) -> str:
+def package_version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover - broken install
@@ -176,10 +176,10 @@ def tiny_identity(name: str = "tiny") -> dict[str, Any]:
         "text_encoder": m.text_encoder,
         "scheduler": {"class": "DDIMScheduler", **m.scheduler},
         "tokenizer": {"bpe": "open_clip default_bpe", "model_max_length": TOKENIZER_MAX_LENGTH},
-        "torch": _version("torch"),
-        "diffusers": _version("diffusers"),
-        "transformers": _version("transformers"),
-        "open_clip_torch": _version("open_clip_torch"),
+        "torch": package_version("torch"),
+        "diffusers": package_version("diffusers"),
+        "transformers": package_version("transformers"),
+        "open_clip_torch": package_version("open_clip_torch"),
     }
     if name != "tiny":  # tiny's identity predates the others: kept as it was, so its keys stay
         ident.update(name=name, family=m.family, text_encoder_2=m.text_encoder_2, pad_token=m.pad_token)
@@ -292,7 +292,7 @@ def write_clip_vocab(folder: Path) -> None:
                                        encoding="utf-8")
 
 
-def _clip_tokenizer(pad_token: str | None) -> Any:
+def make_clip_tokenizer(pad_token: str | None) -> Any:
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_vocab()
@@ -331,10 +331,10 @@ def build_tiny(out: Path, name: str = "tiny") -> None:
             torch.set_default_dtype(prev_dtype)
 
     scheduler = DDIMScheduler(**m.scheduler)
-    tokenizer = _clip_tokenizer(m.pad_token)
+    tokenizer = make_clip_tokenizer(m.pad_token)
     if text_encoder_2 is not None:
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                         tokenizer=tokenizer, tokenizer_2=_clip_tokenizer(PAD_TOKEN_2), unet=unet,
+                                         tokenizer=tokenizer, tokenizer_2=make_clip_tokenizer(PAD_TOKEN_2), unet=unet,
                                          scheduler=scheduler, force_zeros_for_empty_prompt=True)
     else:
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .tiny import (IDENTITY_FILE, TEXT_CONFIG, TINY_SEED, _clip_tokenizer, _version, build_atomically, cache_root,
-                   write_clip_vocab)
+from .tiny import (IDENTITY_FILE, TEXT_CONFIG, TINY_SEED, build_atomically, cache_root, make_clip_tokenizer,
+                   package_version, write_clip_vocab)
 
 TINY_FLUX_VERSION = 1
 """Bump whenever anything below changes the built weights, configs or tokenizers."""
@@ -195,10 +195,10 @@ def tiny_flux_identity(name: str = "tiny-flux") -> dict[str, Any]:
         "tokenizer": {"bpe": "open_clip default_bpe", "model_max_length": CLIP_MAX_LENGTH},
         "tokenizer_2": {"unigram_sha256": _t5_vocab_digest(), "extra_ids": T5_EXTRA_IDS,
                         "model_max_length": T5_MAX_LENGTH},
-        "torch": _version("torch"),
-        "diffusers": _version("diffusers"),
-        "transformers": _version("transformers"),
-        "open_clip_torch": _version("open_clip_torch"),
+        "torch": package_version("torch"),
+        "diffusers": package_version("diffusers"),
+        "transformers": package_version("transformers"),
+        "open_clip_torch": package_version("open_clip_torch"),
     }
 
 
@@ -241,7 +241,7 @@ def t5_tokenizer() -> Any:
 
 def clip_tokenizer() -> Any:
     """CLIP's real BPE tokenizer (open_clip's merges), 77 positions, padding with ``<|endoftext|>``."""
-    return _clip_tokenizer(None)
+    return make_clip_tokenizer(None)
 
 
 def build_components(name: str = "tiny-flux") -> dict[str, Any]:

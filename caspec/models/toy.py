@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..store.hashing import sha256_file
-from .tiny import TOKENIZER_MAX_LENGTH, _version, build_atomically, cache_root, write_clip_vocab
+from .tiny import TOKENIZER_MAX_LENGTH, build_atomically, cache_root, package_version, write_clip_vocab
 
 TOY_VERSION = 1
 TOY_RESOLUTION = 32
@@ -127,8 +127,8 @@ def toy_identity(folder: Path = WEIGHTS_DIR) -> dict[str, Any]:
         "scheduler": {"class": "DDIMScheduler", **SCHEDULER_BASE, "schedule": SCHEDULE},
         "tokenizer": {"bpe": "open_clip default_bpe", "model_max_length": TOKENIZER_MAX_LENGTH},
         "weights": {name: sha256_file(folder / f) for name, f in sorted(WEIGHT_FILES.items())},
-        "diffusers": _version("diffusers"),
-        "transformers": _version("transformers"),
+        "diffusers": package_version("diffusers"),
+        "transformers": package_version("transformers"),
     }
 
 

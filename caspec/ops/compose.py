@@ -42,7 +42,7 @@ def _is_path(asset: str) -> bool:
 
 class ComposeOp(Op):
     KIND = "compose"
-    VERSION = 1
+    VERSION = 2  # 2: PNGs no longer carry the step key or caspec version
 
     USES_FAMILY = True
 
@@ -108,7 +108,7 @@ class ComposeOp(Op):
             iid = f"p{j}-c{k}"
             save_png(ctx.out_dir / f"{iid}.png", img, {
                 "prompt": prompt, "negative_prompt": p["negative_prompt"], "seed": seed, "steps": p["steps"],
-                "guidance_scale": p["guidance_scale"], "assets": used, "step": ctx.step_id, "key": ctx.key,
+                "guidance_scale": p["guidance_scale"], "assets": used, "step": ctx.step_id,
                 "id": iid, "model": ctx.model.base})
             out.append(image_entry(iid, f"{iid}.png", prompt=prompt, seed=seed, prompt_index=j, candidate=k,
                                    assets=used, digest=pixel_digest(img)))

@@ -35,7 +35,7 @@ def edit_id(source_index: int, prompt_index: int, k: int) -> str:
 
 class EditOp(Op):
     KIND = "edit"
-    VERSION = 3  # 2: sources/s<i>.png and `source_file`; 3: `source_prompt` (select by clip reads it)
+    VERSION = 4  # 2: sources/s<i>.png and `source_file`; 3: `source_prompt` (select by clip reads it); 4: no key in PNGs
     USES_MODEL = True
     USES_FAMILY = True
 
@@ -183,7 +183,7 @@ class EditOp(Op):
                 "prompt": prompt, "negative_prompt": p["negative_prompt"], "seed": seed, "strength": p["strength"],
                 "steps": p["steps"], "guidance_scale": p["guidance_scale"], "resolution": image.size[0],
                 "scheduler": p["scheduler"], "source": entry.get("id"), "source_digest": digest,
-                "step": ctx.step_id, "key": ctx.key, "id": iid, "model": ctx.model.base,
+                "step": ctx.step_id, "id": iid, "model": ctx.model.base,
             })
             shown = {"prompt": p["shows"][j], "instruction": prompt} if p.get("shows") else {"prompt": prompt}
             out.append(image_entry(iid, file, **shown, negative_prompt=p["negative_prompt"], seed=seed,

@@ -25,7 +25,7 @@ def candidate_id(k: int) -> str:
 
 class GenerateOp(Op):
     KIND = "root"
-    VERSION = 1
+    VERSION = 2  # 2: PNGs no longer carry the step key or caspec version (early cutoff)
     USES_MODEL = True
     USES_FAMILY = True
 
@@ -84,7 +84,7 @@ class GenerateOp(Op):
             ) from None
         file = "c000.png"
         save_png(ctx.out_dir / file, fitted, {
-            "step": ctx.step_id, "key": ctx.key, "given": Path(path).name, "resolution": int(resolution),
+            "step": ctx.step_id, "given": Path(path).name, "resolution": int(resolution),
         })
         ctx.progress(1, 1, f"{ctx.step_id}: image")
         return {"images": [image_entry("c000", file, prompt=None, negative_prompt=None, seed=None, source=None,
@@ -123,7 +123,7 @@ class GenerateOp(Op):
             save_png(ctx.out_dir / file, img, {
                 "prompt": prompt, "negative_prompt": p["negative_prompt"], "seed": seed, "steps": p["steps"],
                 "guidance_scale": p["guidance_scale"], "resolution": img.size[0], "scheduler": p["scheduler"],
-                "source": None, "step": ctx.step_id, "key": ctx.key, "id": cid, "model": ctx.model.base,
+                "source": None, "step": ctx.step_id, "id": cid, "model": ctx.model.base,
             })
             entries.append(image_entry(cid, file, prompt=prompt, negative_prompt=p["negative_prompt"], seed=seed,
                                        source=None, prompt_index=0, candidate=k, digest=pixel_digest(img)))

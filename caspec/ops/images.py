@@ -13,7 +13,6 @@ from typing import Any, Mapping
 
 from PIL import Image, PngImagePlugin
 
-VERSION_KEY = "caspec_version"
 
 
 def fit_square(image: Image.Image, size: int) -> Image.Image:
@@ -48,11 +47,10 @@ def pixel_digest(image: Image.Image) -> str:
 def save_png(path: str | Path, image: Image.Image, meta: Mapping[str, Any]) -> Path:
     """Save ``image`` as an RGB PNG at ``path`` with ``meta`` in text chunks: strings as-is, other
     values as JSON, ``None`` values left out; text that Latin-1 cannot hold goes in an iTXt chunk
-    (UTF-8). Adds ``caspec_version``."""
-    from .. import __version__
-
+    (UTF-8). Nothing that changes when the pixels do not (a step key, caspec's version) belongs in ``meta``:
+    downstream keys follow these bytes, so such a field would defeat early cutoff."""
     info = PngImagePlugin.PngInfo()
-    items = {**dict(meta), VERSION_KEY: __version__}
+    items = dict(meta)
     for key, value in items.items():
         if value is None:
             continue
@@ -82,4 +80,4 @@ def read_png_meta(path: str | Path) -> dict[str, str]:
         return {str(k): str(v) for k, v in (getattr(img, "text", {}) or {}).items()}
 
 
-__all__ = ["fit_square", "save_png", "read_png_meta", "VERSION_KEY"]
+__all__ = ["fit_square", "save_png", "read_png_meta"]

@@ -29,7 +29,7 @@ RUN_SETTINGS = ("checkpoint_every", "preview_every")  # not in the key: they nev
 
 class TrainOp(Op):
     KIND = "train"
-    VERSION = 2  # 2: checkpoint_every / preview_every left the key (the card records them under `run`);
+    VERSION = 3  # 3: the card no longer holds the step key (early cutoff); 2: checkpoint_every / preview_every left the key (the card records them under `run`);
                 # the card's result lost `seconds`/`resumed_from` (now in the record's meta)
 
     USES_FAMILY = True
@@ -167,7 +167,6 @@ def _card(ctx: RunContext, p: dict[str, Any], words: list[Any], captions: list[s
         "training_images": {"step_key": source_key,
                             "images": [{"id": img["id"], "digest": img["digest"], "prompt": img.get("prompt")}
                                        for img in images]},
-        "key": ctx.key,
         "libraries": {name: library_versions()[name] or "unknown" for name in LIBRARIES},
         # what the weights are, never how this run went (time, resumption: in the record's meta["run"]),
         # so a resumed or re-run training that makes the same weights makes the same card

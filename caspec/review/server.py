@@ -117,6 +117,11 @@ def _scores(img: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _seed_text(seed: Any) -> str | None:
+    """A seed as a string: seeds reach 2**63, past what a JavaScript number holds exactly."""
+    return None if seed is None else str(seed)
+
+
 def _clip_decision(m: Manifest, c: Any) -> dict[str, Any]:
     """For a ``by: clip`` manifest: whether CLIP kept the candidate, whether it passed the thresholds and why."""
     auto = m.auto_keep
@@ -262,7 +267,7 @@ class ReviewApp:
             src = img.get("source", c.meta.get("source"))
             prompt = img.get("prompt", c.meta.get("prompt"))
             cands.append({"id": c.id, "digest": c.digest, "keep": c.keep, "image_url": urls.get(c.id),
-                          "prompt": prompt, "seed": img.get("seed", c.meta.get("seed")), "source": src,
+                          "prompt": prompt, "seed": _seed_text(img.get("seed", c.meta.get("seed"))), "source": src,
                           "source_image_url": root_urls.get(src) if src else None,
                           "scores": {**_scores(c.meta), **_scores(img)}, **_clip_decision(m, c)})
             gkey = (src, prompt)
