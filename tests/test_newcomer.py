@@ -31,3 +31,22 @@ def test_files_meant_to_be_shared_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
 
+
+
+def test_an_unclosed_quote_is_reported_where_it_starts(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(textwrap.dedent("""\
+        version: 1
+        roots:
+          r: {prompt: "a red robot, candidates: 1}
+        edits:
+          e:
+            from: r
+            prompts: ["a blue robot"]
+        """))
+    code, _, err = cli("validate", str(spec))
+    assert code == 2 and f"{spec}:3:15: error: invalid YAML: this quoted string is not closed on its line" in err
+    assert "hint: add the closing quote" in err
+    ok = tmp_path / "ok.yaml"  # a quoted string may span lines in YAML: that is not an error
+    ok.write_text('version: 1\ndescription: "a long\n  description"\nroots:\n  r: {prompt: "x"}\n')
+    assert cli("validate", str(ok))[0] == 0

@@ -314,8 +314,40 @@ def _syntax_problem(src: _Source, exc: yaml.MarkedYAMLError) -> Problem:
         brackets = "`{ ... }`" if "mapping" in exc.context else "`[ ... ]`"
         started = exc.context_mark.line + 1
         hint = f"look for a missing `,` or closing bracket in the {brackets} started at line {started}"
+    unclosed = _unclosed_quote(src.text, mark.line if mark else None)
+    inside = exc.context_mark is not None and unclosed is not None and unclosed[0] >= exc.context_mark.line + 1
+    if inside and (mark is None or unclosed[0] < mark.line + 1):  # the quote opened inside what failed
+        line, col = unclosed
+        return src.problem((), "invalid YAML: this quoted string is not closed on its line",
+                           f"add the closing quote; without it YAML reads on into the next lines and stops only at "
+                           f"line {mark.line + 1 if mark else '?'} ({exc.problem or exc.context})", at=(line, col))
     at = (mark.line + 1, mark.column + 1) if mark else None
     return src.problem((), message, hint, at=at)
+
+
+def _unclosed_quote(text: str, upto: int | None) -> tuple[int, int] | None:
+    """``(line, column)`` of the first quote, on a line before ``upto`` (0-based) or the last, that opens a
+    string and leaves it open at the end of its line (a likely typo, which YAML reports lines later)."""
+    for number, line in enumerate(text.splitlines()[: None if upto is None else upto + 1], 1):
+        quote, start, i = None, 0, 0
+        while i < len(line):
+            ch = line[i]
+            if quote is None:
+                if ch == "#" and (i == 0 or line[i - 1] in " \t"):
+                    break
+                if ch in "\"'" and (i == 0 or line[i - 1] in " \t[{,:-"):
+                    quote, start = ch, i
+            elif quote == '"' and ch == "\\":
+                i += 1
+            elif ch == quote:
+                if quote == "'" and i + 1 < len(line) and line[i + 1] == "'":
+                    i += 1
+                else:
+                    quote = None
+            i += 1
+        if quote is not None:
+            return number, start + 1
+    return None
 
 
 def _reader_problem(src: _Source, text: str, exc: yaml.reader.ReaderError) -> Problem:
