@@ -59,7 +59,8 @@ def build_lock(plan: Any, store: Any) -> dict[str, Any]:
             entry["outputs"] = {rel: o["digest"] for rel, o in sorted(record.outputs.items())}
         steps[node.id] = entry
     return {"lock_version": LOCK_VERSION, "caspec": __version__,
-            "spec": {"file": loaded.path.name, "digest": sha256_bytes(loaded.text.encode("utf-8"))},
+            "spec": {"file": loaded.path.name, "digest": sha256_bytes(loaded.text.encode("utf-8")),
+                     "fields": loaded.spec.model_dump(mode="json", exclude_unset=True)},
             "environment": environment_now(plan), "model": plan.model_identity, "steps": steps}
 
 
@@ -113,14 +114,16 @@ def _shape_problems(lock: Any) -> list[str]:
     return []
 
 
-def differences(old: dict[str, Any], new: dict[str, Any], *, frozen_plan: Any = None) -> list[str]:
+def differences(old: dict[str, Any], new: dict[str, Any], *, frozen_plan: Any = None,
+                where: Any = None) -> list[str]:
     """Every way ``new`` (this spec, here, now) differs from the lock ``old``, in words.
 
     With ``frozen_plan``: what ``run --frozen`` refuses (keys of steps that will be re-keyed are compared
-    while running, outputs the store does not hold yet are fine where the lock has them)."""
+    while running, outputs the store does not hold yet are fine where the lock has them). ``where``: spec
+    field path -> ``FILE:LINE:COL``, to point at each changed field."""
     out: list[str] = []
     if old["spec"].get("digest") != new["spec"]["digest"]:
-        out.append(f"spec: {new['spec']['file']} changed since it was locked")
+        out += _spec_differences(old["spec"], new["spec"], where)
     for name in sorted(set(old["environment"]) | set(new["environment"])):
         a, b = old["environment"].get(name), new["environment"].get(name)
         if a != b:
@@ -135,6 +138,56 @@ def differences(old: dict[str, Any], new: dict[str, Any], *, frozen_plan: Any = 
     for sid in (s for s in new_steps if s in old_steps):
         out += _step_differences(sid, old_steps[sid], new_steps[sid], frozen_plan)
     return out
+
+
+#: at most this many changed spec fields are listed one by one
+SHOWN_FIELDS = 12
+
+
+def _spec_differences(old: dict[str, Any], new: dict[str, Any], where: Any) -> list[str]:
+    """The spec's changed fields, each with both values (a lock written before fields were kept: the file)."""
+    file = new["file"]
+    if not isinstance(old.get("fields"), dict):
+        return [f"spec: {file} changed since it was locked (this lock does not keep the spec's fields; "
+                "`caspec lock` writes one that does)"]
+    changed = list(_field_changes(old["fields"], new["fields"], ()))
+    if not changed:
+        return [f"spec: {file} changed since it was locked, but no field did (comments or layout only)"]
+    out = []
+    for path, a, b in changed[:SHOWN_FIELDS]:
+        at = f"{where(path)}: " if where is not None else ""
+        out.append(f"spec: {at}`{_dotted(path)}`: {_value(a)} in the lock, {_value(b)} here")
+    if len(changed) > SHOWN_FIELDS:
+        out.append(f"spec: and {len(changed) - SHOWN_FIELDS} more changed fields")
+    return out
+
+
+_ABSENT = object()
+
+
+def _field_changes(a: Any, b: Any, path: tuple) -> Any:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            yield from _field_changes(a.get(k, _ABSENT), b.get(k, _ABSENT), path + (k,))
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            yield from _field_changes(x, y, path + (i,))
+    elif a != b:
+        yield path, a, b
+
+
+def _dotted(path: tuple) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(the whole spec)"
+
+
+def _value(v: Any) -> str:
+    if v is _ABSENT:
+        return "not set"
+    text = json.dumps(v, ensure_ascii=False, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _model_difference(a: Any, b: Any) -> str:
@@ -174,13 +227,13 @@ def _short(entry: dict[str, Any]) -> str:
 
 def check_current(plan: Any, store: Any, path: Path) -> list[str]:
     """Differences between the lock at ``path`` and what ``caspec lock`` would write now (empty: current)."""
-    return differences(read_lock(path), build_lock(plan, store))
+    return differences(read_lock(path), build_lock(plan, store), where=plan.loaded.where)
 
 
 def check_frozen(plan: Any, store: Any, path: Path) -> dict[str, Any]:
     """The lock, if ``plan`` may run frozen to it; else :class:`LockMismatch` listing every difference."""
     lock = read_lock(path)
-    diffs = differences(lock, build_lock(plan, store), frozen_plan=plan)
+    diffs = differences(lock, build_lock(plan, store), frozen_plan=plan, where=plan.loaded.where)
     if diffs:
         raise LockMismatch(path, diffs)
     return lock

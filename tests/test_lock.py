@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -69,8 +70,19 @@ def test_lock_check_says_current_or_lists_each_difference(tmp_path):
         spec.write_text(spec.read_text().replace('"alpha"', '"beta"'))
         code, _, err = cli("lock", str(spec), "--check")
     assert code == 4, err
-    assert "spec: t.yaml changed since it was locked" in err and "step `r`: key" in err
+    assert "step `r`: key" in err
+    # the changed field, where it is, and both values (issue 28)
+    assert re.search(r'spec: \S*t\.yaml:\d+:\d+: `roots\.r\.prompt`: "alpha" in the lock, "beta" here', err), err
     assert "hint: if the changes are intended, update the lock with `caspec lock" in err
+
+
+def test_lock_check_on_a_comment_only_change_says_no_field_changed(tmp_path):
+    spec = make(tmp_path)
+    with fake_ops():
+        cli("lock", str(spec))
+        spec.write_text(spec.read_text() + "# a note\n")
+        code, _, err = cli("lock", str(spec), "--check")
+    assert code == 4 and "no field did (comments or layout only)" in err, err
 
 
 def test_frozen_run_refuses_every_difference_before_running_anything(tmp_path):
@@ -88,7 +100,7 @@ def test_frozen_run_refuses_every_difference_before_running_anything(tmp_path):
         spec.write_text(spec.read_text().replace('"red"', '"blue"'))
         code, _, err = cli("run", str(spec), "--frozen")
     assert code == 4, err
-    assert "environment: torch 0.0.1 in the lock" in err and "spec: t.yaml changed" in err
+    assert "environment: torch 0.0.1 in the lock" in err and "\"red\" in the lock, \"blue\" here" in err
     assert "step `e`: key" in err or "step `e` would run" in err
     assert " ran " not in err and "done:" not in err  # nothing ran
 
