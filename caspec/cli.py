@@ -41,15 +41,42 @@ def _guard(fn: Callable[..., int | None]) -> Callable[..., None]:
     return wrapper
 
 
+#: where a command with no spec and no --store looks for a store, in order (`make demo` keeps its store
+#: beside the shipped specs, in specs/.caspec)
+STORE_PLACES = (Path(".caspec"), Path("specs") / ".caspec")
+
+
 def _store_for(loaded: Any | None, store: str | None) -> Any:
     from .store import open_store
 
     path = store or os.environ.get("CASPEC_STORE")
     if path:  # a directory, or an fsspec URL such as s3://bucket/prefix (kept a str: Path would eat "//")
-        return open_store(path if "://" in path else Path(path))
+        if "://" in path:
+            return open_store(path)
+        return open_store(_store_folder(Path(path), "--store" if store else "CASPEC_STORE"))
     if loaded is None:
-        return open_store(Path(".caspec"))
-    return open_store(loaded.dir / ".caspec")
+        found = next((p for p in STORE_PLACES if p.is_dir()), None)
+        if found is None:
+            looked = " and ".join(f"./{p}" for p in STORE_PLACES)
+            raise UsageError(f"no store found: looked in {looked}",
+                             hint="name the spec (`caspec status specs/toy-demo.yaml`: its store is beside it) "
+                                  "or the store (`--store PATH`, or CASPEC_STORE)")
+        _err(f"store: {found}")
+        return open_store(found)
+    return open_store(_store_folder(loaded.dir / ".caspec", "the store beside the spec"))
+
+
+def _store_folder(path: Path, named_by: str) -> Path:
+    """``path``, if it is a folder or can become one; a file on the way is a usage error (exit 2), before
+    any step runs."""
+    for place in (path, *path.parents):
+        if place.exists():
+            if not place.is_dir():
+                what = "is a file" if place == path else f"cannot be made: {place} is a file"
+                raise UsageError(f"store: {path} {what}, not a folder ({named_by})",
+                                 hint="name a folder for the store (made on the first run), or move the file")
+            return path
+    return path
 
 
 def _load(spec: str, contained: bool | None = None) -> Any:
@@ -536,7 +563,7 @@ def assets_show(name: str, spec: str | None, store: str | None) -> int:
     from .assets.inspect import find_asset
 
     loaded = _load(spec) if spec else None
-    click.echo(find_asset(name, loaded, _store_for(loaded, store)).describe())
+    click.echo(find_asset(name, loaded, _store_for(loaded, store) if loaded else None).describe())
     return 0
 
 
@@ -558,7 +585,7 @@ def export_cmd(asset: str, fmt: str, out: str, spec: str | None, store: str | No
 
     quiet_libraries()
     loaded = _load(spec) if spec else None
-    info = find_asset(asset, loaded, _store_for(loaded, store))
+    info = find_asset(asset, loaded, _store_for(loaded, store) if loaded else None)
     for path in export_asset(load_asset(info.folder, name=info.name), fmt, Path(out)):
         click.echo(os.path.relpath(path))
     return 0

@@ -50,3 +50,43 @@ def test_an_unclosed_quote_is_reported_where_it_starts(tmp_path):
     ok = tmp_path / "ok.yaml"  # a quoted string may span lines in YAML: that is not an error
     ok.write_text('version: 1\ndescription: "a long\n  description"\nroots:\n  r: {prompt: "x"}\n')
     assert cli("validate", str(ok))[0] == 0
+
+
+ROOT_SPEC = 'version: 1\nroots: {robot: {prompt: "x", candidates: 1}}\n'
+
+
+def test_a_store_path_that_is_a_file_is_a_usage_error_before_anything_runs(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(ROOT_SPEC)
+    not_a_folder = tmp_path / "store.txt"
+    not_a_folder.write_text("")
+    for args in (("run", str(spec), "--store", str(not_a_folder)),
+                 ("run", str(spec), "--store", str(not_a_folder / "inside"))):
+        code, _, err = cli(*args)
+        assert code == 2, err
+        assert f"store: {not_a_folder}" in err and "not a folder (--store)" in err and "hint:" in err
+    (tmp_path / ".caspec").write_text("")  # the default store beside the spec is a file
+    code, _, err = cli("run", str(spec))
+    assert code == 2 and "not a folder (the store beside the spec)" in err, err
+
+
+def test_status_without_a_spec_finds_the_demo_store_or_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CASPEC_STORE", raising=False)
+    code, _, err = cli("status")
+    assert code == 2 and "no store found: looked in ./.caspec and ./specs/.caspec" in err, err
+    assert not (tmp_path / ".caspec").exists()  # looking creates nothing
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "specs" / "s.yaml").write_text(ROOT_SPEC)
+    (tmp_path / "specs" / ".caspec").mkdir()  # where `make demo`'s store lives
+    code, out, err = cli("status")
+    assert code == 0, err
+    assert "store: specs/.caspec" in err and "entries: 0 steps" in out
+    (tmp_path / ".caspec").mkdir()  # ./.caspec comes first
+    code, _, err = cli("status")
+    assert code == 0 and "store: .caspec" in err, err
+    # a command that needs no store does not look for one
+    (tmp_path / ".caspec").rmdir()
+    (tmp_path / "specs" / ".caspec").rmdir()
+    code, _, err = cli("assets", "show", "no-such-folder")
+    assert code == 2 and "no asset folder `no-such-folder`" in err, err
