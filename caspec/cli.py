@@ -390,13 +390,16 @@ def unpack(archive: str, target: str | None) -> int:
 @contained_option
 @_guard
 def validate(specs: tuple[str, ...], contained: bool | None) -> int:
-    """Check SPECS for errors without running anything."""
+    """Check SPECS for errors without running anything: the spec's rules, the models it names, and that each
+    prompt fits its model's text encoder (where the model's tokenizer is on disk)."""
     from .errors import SpecError
+    from .plan.checks import check_without_running
 
     failed = 0
     for spec in specs:
         try:
-            _load(spec, contained)
+            for note in check_without_running(_load(spec, contained)):
+                _err(f"{spec}: note: {note}")
             click.echo(f"{spec}: ok")
         except SpecError as exc:
             _err(exc.render())

@@ -90,3 +90,41 @@ def test_status_without_a_spec_finds_the_demo_store_or_says_where_it_looked(tmp_
     (tmp_path / "specs" / ".caspec").rmdir()
     code, _, err = cli("assets", "show", "no-such-folder")
     assert code == 2 and "no asset folder `no-such-folder`" in err, err
+
+
+def test_validate_names_an_unknown_model_at_its_line_and_lists_the_embedded_ones(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text('version: 1\nmodel: tinny\nroots: {robot: {prompt: "x", candidates: 1}}\n')
+    code, out, err = cli("validate", str(spec))
+    assert code == 2 and "ok" not in out, err
+    assert f"{spec}:2:8: error" in err and "model `tinny`" in err
+    assert all(f"`{name}`" in err for name in ("tiny", "tiny-xl", "tiny-v", "toy", "tiny-flux"))
+    code, _, err = cli("plan", str(spec))  # plan names the same line
+    assert code == 2 and f"{spec}:2:8: error" in err, err
+
+
+def test_validate_refuses_a_prompt_too_long_for_the_text_encoder_at_its_line(tmp_path):
+    from caspec.models.toy import ensure_toy
+
+    ensure_toy()  # its tokenizer files on disk, as after the first run (otherwise validate notes it skipped)
+    long_prompt = "a large orange star at the left " * 13  # 91 words: more than CLIP's 75 text tokens
+    spec = tmp_path / "s.yaml"
+    spec.write_text(textwrap.dedent(f"""\
+        version: 1
+        model: toy
+        roots:
+          star: {{prompt: "a large orange star at the left", candidates: 1}}
+        edits:
+          colors:
+            from: star
+            prompts:
+              - "a large blue star at the left"
+              - "{long_prompt}"
+        """))
+    code, out, err = cli("validate", str(spec))
+    assert code == 2 and "ok" not in out, err
+    assert f"{spec}:10:" in err  # the long prompt's own line
+    assert "the prompt does not fit the text encoder: it is" in err and "hint: shorten it" in err
+    spec.write_text(spec.read_text().replace(long_prompt, "a large teal star at the left"))
+    code, out, err = cli("validate", str(spec))
+    assert code == 0 and out.strip() == f"{spec}: ok", err

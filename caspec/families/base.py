@@ -63,6 +63,24 @@ def clip_has_text_model() -> bool:
     return any(n == "text_model" for n, _ in model.named_children())
 
 
+@functools.lru_cache(maxsize=8)
+def files_tokenizer(folder: Path, clip: bool = True) -> Any:
+    """The tokenizer saved in ``folder`` (a model's ``tokenizer/``), read once per process: CLIP's as the
+    families load it, or (``clip=False``) whatever ``AutoTokenizer`` reads there (T5's)."""
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    return (CLIPTokenizer if clip else AutoTokenizer).from_pretrained(folder, local_files_only=True)
+
+
+def text_positions(folder: Path, encoder: str, tokenizer: str) -> int:
+    """Positions ``encoder`` reads (the smaller of its config's and its tokenizer's), from files only."""
+    sizes = [int(files_tokenizer(folder / tokenizer).model_max_length)]
+    limit = read_json(folder / encoder / "config.json").get("max_position_embeddings")
+    if limit:
+        sizes.append(int(limit))
+    return min(sizes)
+
+
 class Family:
     """One model family. Subclasses set the attributes and override what differs."""
 
@@ -87,6 +105,9 @@ class Family:
     """Sampling settings a spec leaves to the family (the paper's DDIM, 50 steps, guidance 7.5)."""
     default_layout: Mapping[str, Any] | None = None
     """The denoiser layout assumed for imported files that do not record one (see :meth:`asset_layout`)."""
+
+    prompt_tokenizers: tuple[str, ...] = ("tokenizer",)
+    """The tokenizer folders :meth:`prompt_overflow` reads (to check prompts without loading the model)."""
 
     # ------------------------------------------------------------------ components
 
@@ -117,6 +138,15 @@ class Family:
     def load_parts(self, folder: Path, dtype: Any, part: Callable[[str], None]) -> dict[str, Any]:
         """Load the components of ``folder`` (``part(name)`` is called before each, for error messages)."""
         raise NotImplementedError
+
+    def prompt_overflow(self, folder: Path, text: str, pseudo_words: Sequence[str]) -> Any:
+        """How ``text`` overflows the text encoder's window (an :class:`~caspec.models.prompts.Overflow`, None if
+        it fits), from the model folder's tokenizer and text-encoder config files only. Each of ``pseudo_words``
+        counts as one token."""
+        from ..models.prompts import prompt_overflow
+
+        return prompt_overflow(files_tokenizer(folder / "tokenizer"), text, pseudo_words=pseudo_words,
+                               size=text_positions(folder, "text_encoder", "tokenizer"))
 
     def native_resolution(self, folder: Path) -> int:
         """The model's native square image size from its configs (no weights)."""
