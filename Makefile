@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/caspec run specs/toy-demo.yaml
 	$(BIN)/caspec eval specs/toy-demo.yaml
-	@echo "images: specs/out/toy-demo/*/index.html   eval plot: specs/out/toy-demo/quality/plot.png" >&2
+	@echo "open specs/out/toy-demo/index.html: every step, from the root to the metrics' plot" >&2
 
 # The review workflow on `toy` (real shapes to review): pause at a review gate, approve, resume; then open the
 # gallery yourself with `caspec review specs/toy-review.yaml` (CLIP's decisions of `auto` are there too).

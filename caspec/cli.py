@@ -221,7 +221,9 @@ def _report_run(summary: Any, loaded: Any, dry_run: bool) -> None:
         _err(f"dry run: {tally}")
     else:
         out = os.path.relpath(loaded.dir / "out" / loaded.name)
-        _err(f"{'done' if summary.exit_code == 0 else 'stopped'}: {tally}; outputs in `{out}/`")
+        overview = loaded.dir / "out" / loaded.name / "index.html"
+        shown = f" (overview: `{os.path.relpath(overview)}`)" if overview.is_file() else ""
+        _err(f"{'done' if summary.exit_code == 0 else 'stopped'}: {tally}; outputs in `{out}/`{shown}")
 
 
 @main.command()

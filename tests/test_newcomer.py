@@ -128,3 +128,55 @@ def test_validate_refuses_a_prompt_too_long_for_the_text_encoder_at_its_line(tmp
     spec.write_text(spec.read_text().replace(long_prompt, "a large teal star at the left"))
     code, out, err = cli("validate", str(spec))
     assert code == 0 and out.strip() == f"{spec}: ok", err
+
+
+def test_validate_notes_words_the_toy_model_was_never_trained_on(tmp_path):
+    from caspec.toyworld.data import full_caption, sample_toy_scene, vocabulary
+
+    import numpy as np
+
+    rng = np.random.default_rng(7)  # another sample than vocabulary()'s: every caption word is known
+    assert all(w in vocabulary() for _ in range(500) for w in full_caption(sample_toy_scene(rng)).split())
+    assert "teal" not in vocabulary() and "orange" in vocabulary()
+    spec = tmp_path / "s.yaml"
+    spec.write_text(textwrap.dedent("""\
+        version: 1
+        model: toy
+        roots:
+          star: {prompt: "a large orange star at the left", candidates: 1}
+        edits:
+          colors: {from: star, prompts: ["a large teal star at the left", "a <A1> blue star"]}
+        """))
+    code, out, err = cli("validate", str(spec))
+    assert code == 0 and out.strip() == f"{spec}: ok", err  # a note, not an error
+    # only `teal`: the pseudo-word `<A1>` is the user's own, and the note names the prompt's line
+    assert f"{spec}:6:" in err and "`toy` was never trained on `teal`: the word will" in err
+
+
+def readme_first_spec() -> str:
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Your first spec on `toy`"):]
+    return re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readmes_first_spec_runs_and_its_overview_links_every_step(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CASPEC_STORE", raising=False)
+    spec = tmp_path / "first.yaml"
+    spec.write_text(readme_first_spec())
+    code, out, err = cli("validate", str(spec))
+    assert code == 0 and "note:" not in err, err  # only words the toy world knows
+    code, _, err = cli("run", str(spec))
+    assert code == 0, err
+    page = tmp_path / "out" / "first" / "index.html"
+    assert "overview: `out/first/index.html`" in err
+    text = page.read_text(encoding="utf-8")
+    # root -> edits -> selection, in the method's order, each with images that exist
+    assert text.index("<code>star</code>") < text.index("<code>colors</code>") < text.index("<code>picks</code>")
+    import re
+
+    sources = re.findall(r'<img src="([^"]+)"', text)
+    assert len(sources) == 1 + 6 + 4 and all((page.parent / s).is_file() for s in sources)
+    assert 'href="../../reviews/first/picks.html"' in text and (tmp_path / "reviews/first/picks.html").is_file()

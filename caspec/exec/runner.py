@@ -123,7 +123,20 @@ def run(loaded: Any, store: Any, *, only: tuple[str, ...] = (), until: tuple[str
             reporter.stop()
             if not dry_run:
                 runner.save_state()
+                _overview(plan, out_root)
     return summary
+
+
+def _overview(plan: Plan, out_root: Any) -> None:
+    """Rewrite ``out/<spec>/index.html`` (:mod:`caspec.exec.overview`); a view, so a failure only warns."""
+    from .overview import write_overview
+
+    try:
+        write_overview(plan, out_root)
+    except OSError as exc:
+        import warnings
+
+        warnings.warn(f"could not write the overview page: {exc}", stacklevel=2)
 
 
 class _Runner:

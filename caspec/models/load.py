@@ -137,6 +137,16 @@ def embedded_folder(name: str) -> Path:
     return toy_dir(toy_identity())
 
 
+def embedded_vocabulary(base: str) -> frozenset[str] | None:
+    """The words an embedded model was trained on, where it knows only some (``toy``: the shapes world's
+    caption words); None where any word means something (real models; the random-weight tiny ones)."""
+    if base != "toy":
+        return None
+    from ..toyworld.data import vocabulary
+
+    return vocabulary()
+
+
 def is_hub_id(base: str) -> bool:
     """Whether ``base`` has the shape of a hub id (``org/name``)."""
     return bool(_HUB_ID.match(base))

@@ -42,6 +42,7 @@ def check_without_running(loaded: Any) -> list[str]:
             with model_error_at(loaded, where):
                 folders[text] = _family_and_tokenizers(model, loaded.dir)
         family, folder = folders[text]
+        notes += _unknown_words(loaded, node, model.base)
         if folder is None:
             note = f"prompts of `{model.base}`: checked when it runs (the embedded model is built on the first run)"
             if note not in notes:
@@ -62,6 +63,24 @@ def check_without_running(loaded: Any) -> list[str]:
     if problems:
         raise SpecError(problems)
     return notes
+
+
+def _unknown_words(loaded: Any, node: Any, base: str) -> list[str]:
+    """Notes on prompt words a model with a small vocabulary (``toy``) was never trained on."""
+    from ..models.load import embedded_vocabulary
+
+    known = embedded_vocabulary(base)
+    if known is None:
+        return []
+    out = []
+    for path, prompt in _prompts(node.params):
+        unknown = [w for w in dict.fromkeys(PSEUDO_IN_PROMPT.sub(" ", prompt).lower().split()) if w not in known]
+        if unknown:
+            words = ", ".join(f"`{w}`" for w in unknown)
+            out.append(f"{loaded.where((node.section, node.id, *path))}: `{base}` was never trained on {words}: "
+                       f"the word{'s' if len(unknown) > 1 else ''} will change the image arbitrarily (it knows: "
+                       f"{' '.join(sorted(known))})")
+    return out
 
 
 def _family_and_tokenizers(model: Any, spec_dir: Path) -> tuple[Any, Path | None]:

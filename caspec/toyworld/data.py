@@ -21,6 +21,8 @@ numpy + PIL only, deterministic from a seed.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .render import SHAPES, Obj, Scene, color_name, position_word, render, size_word
@@ -79,6 +81,23 @@ def join_caption(parts: dict[str, str]) -> str:
         if key in parts:
             words.append(parts[key])
     return " ".join(words)
+
+
+#: how many scenes of the training distribution :func:`vocabulary` reads (every word shows up well before)
+VOCABULARY_SCENES = 4000
+
+
+@functools.lru_cache(maxsize=1)
+def vocabulary() -> frozenset[str]:
+    """Every word of the toy models' training captions: the only words ``model: toy`` was trained on (any
+    other word, ``teal`` say, has an untrained embedding and an arbitrary effect). Read off the captions of a
+    fixed sample of the training distribution (scenes only, nothing drawn), plus ``shape`` (a caption whose
+    shape was dropped says "shape")."""
+    rng = np.random.default_rng(0)
+    words = {"shape"}
+    for _ in range(VOCABULARY_SCENES):
+        words.update(full_caption(sample_toy_scene(rng)).split())
+    return frozenset(words)
 
 
 def full_caption(scene: Scene) -> str:
