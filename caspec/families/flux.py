@@ -24,8 +24,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .base import Family, read_json
 
-T5_TOKENS = 512  # the T5 prompt length FluxPipeline reads by default, and at most
-
 FLUX_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxKontextPipeline", "FluxInpaintPipeline")
 TRANSFORMER_CLASS = "FluxTransformer2DModel"
 TRAIN_GUIDANCE = 3.5  # diffusers' Flux LoRA scripts' --guidance_scale default (dev's guidance embedding)
@@ -110,21 +108,6 @@ class FluxFamily(Family):
     def trained_components(self, cfg: Any = None) -> tuple[str, ...]:
         """CLIP-L and the transformer; T5 too with ``t5_lora`` (off by default, as diffusers' Flux scripts)."""
         return self.lora_components if getattr(cfg, "t5_lora", False) else ("text_encoder", "transformer")
-
-    prompt_tokenizers = ("tokenizer", "tokenizer_2")
-
-    def prompt_overflow(self, folder: Path, text: str, pseudo_words: Sequence[str]) -> Any:
-        """T5's 512 tokens, as :func:`caspec.models.flow_sampling.check_prompt` (from files only); beyond CLIP's
-        window only a cut pseudo-word counts (CLIP gives only the pooled summary)."""
-        from ..models.prompts import prompt_overflow
-        from .base import files_tokenizer
-
-        t5 = prompt_overflow(files_tokenizer(folder / "tokenizer_2", clip=False), text, pseudo_words=pseudo_words,
-                             size=T5_TOKENS + 1)  # T5 adds one special token
-        if t5 is not None:
-            return t5
-        clip = super().prompt_overflow(folder, text, pseudo_words)
-        return clip if clip is not None and clip.cut_pseudo_words else None
 
     def claims(self, folder: Path, index: Mapping[str, Any]) -> bool:
         cls = str(index.get("_class_name", ""))

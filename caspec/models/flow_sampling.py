@@ -48,7 +48,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..families.flux import T5_TOKENS
 from .prompts import PromptTooLong, prompt_overflow
 from .text import expand_prompt
 
@@ -58,7 +57,7 @@ PAD_BATCHES = True
 """Run every transformer batch at the full ``batch_size`` shape, padding a short last batch with copies of
 its last item (their outputs are dropped): one fixed shape means the same matrix-kernel code paths, so an
 image's bytes depend only on its own inputs (see :mod:`caspec.models.sampling`)."""
-MAX_SEQUENCE_LENGTH = T5_TOKENS  # T5 tokens (FluxPipeline's default and maximum)
+MAX_SEQUENCE_LENGTH = 512  # T5 tokens (FluxPipeline's default and maximum)
 DEFAULT_GUIDANCE = 3.5  # FluxPipeline's default distilled guidance
 
 Progress = Callable[[int, int], None] | None

@@ -4,7 +4,8 @@
   ``model:`` line, whose hint lists the embedded models): the same resolution :func:`caspec.plan.graph.build_nodes`
   does for planning.
 - Every step prompt fits the text encoder of the model that reads it, counted with that model's tokenizer
-  files (:meth:`caspec.families.base.Family.prompt_overflow`). Each pseudo-word counts as one token, so a
+  files (:meth:`caspec.families.base.Family.prompt_overflow`), as strictly as a run checks it (CLIP's window
+  on every family, FLUX.1 included, for now). Each pseudo-word counts as one token, so a
   prompt reported here is too long for certain; multi-vector pseudo-words are counted exactly when the step
   runs. An embedded model not built yet has no tokenizer files: its prompts are checked when it runs (a note
   says so).
