@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StepFailed
+from ..spec.load import is_asset_path
 from ..spec.models import sampling_for
 from .base import Op, RunContext, image_entry
 from .images import pixel_digest, save_png
@@ -34,12 +35,6 @@ def image_seeds(base: int, prompt: str, images: int, *, same_seeds: bool = False
     return [derive_seed(base, "compose", text, k) for k in range(images)]
 
 
-def _is_path(asset: str) -> bool:
-    from ..spec.load import is_asset_path
-
-    return is_asset_path(asset)
-
-
 class ComposeOp(Op):
     KIND = "compose"
     VERSION = 2  # 2: PNGs no longer carry the step key or caspec version
@@ -51,16 +46,16 @@ class ComposeOp(Op):
         return {**sampling_for(spec, step, family), "prompts": list(step.prompts), "images": step.images,
                 "first_scale": step.first_scale, "later_scale": step.later_scale,
                 "asset_scales": [step.asset_scales.get(a) for a in step.assets],
-                "assets": [{"source": "path" if _is_path(a) else "step"} for a in step.assets],
+                "assets": [{"source": "path" if is_asset_path(a) else "step"} for a in step.assets],
                 **({"same_seeds": True} if step.same_seeds else {}),
                 **({"lora_windows": [step.lora_windows.get(a) for a in step.assets]} if step.lora_windows else {})}
 
     def inputs(self, step: Any, spec_dir: Path) -> dict[str, Path]:
         return {f"asset{i}/{name}": (spec_dir / a / name).resolve()
-                for i, a in enumerate(step.assets) if _is_path(a) for name in ASSET_FILES}
+                for i, a in enumerate(step.assets) if is_asset_path(a) for name in ASSET_FILES}
 
     def upstream(self, step: Any) -> dict[str, str]:
-        return {f"asset{i}": a for i, a in enumerate(step.assets) if not _is_path(a)}
+        return {f"asset{i}": a for i, a in enumerate(step.assets) if not is_asset_path(a)}
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         from ..assets.format import apply_asset, load_asset

@@ -8,8 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..spec.load import is_asset_path
 from .base import Op, RunContext
-from .compose import ASSET_FILES, _is_path, asset_folder
+from .compose import ASSET_FILES, asset_folder
 
 
 class ExportOp(Op):
@@ -19,16 +20,16 @@ class ExportOp(Op):
     TORCH_COMPUTE = False
 
     def params(self, step: Any, spec: Any) -> dict[str, Any]:
-        name = Path(step.asset).name if _is_path(step.asset) else step.asset
+        name = Path(step.asset).name if is_asset_path(step.asset) else step.asset
         return {"format": step.format, "name": name}
 
     def inputs(self, step: Any, spec_dir: Path) -> dict[str, Path]:
-        if not _is_path(step.asset):
+        if not is_asset_path(step.asset):
             return {}
         return {f"asset/{name}": (spec_dir / step.asset / name).resolve() for name in ASSET_FILES}
 
     def upstream(self, step: Any) -> dict[str, str]:
-        return {} if _is_path(step.asset) else {"asset": step.asset}
+        return {} if is_asset_path(step.asset) else {"asset": step.asset}
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         from ..assets.export import export_asset

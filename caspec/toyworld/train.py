@@ -52,14 +52,16 @@ class ToyTrainConfig:
     init_from: str = ""  # start UNet + text encoder from this weights folder (a second, fine-tuning stage)
 
 
-def _lr(step: int, total: int, base: float, warmup: int) -> float:
+def warmup_cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
+    """The learning rate at ``step``: linear warm-up, then cosine down to a tenth of ``base``."""
     if step < warmup:
         return base * (step + 1) / warmup
     p = (step - warmup) / max(1, total - warmup)
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-class _Log:
+class TrainLog:
+    """A training log: each line to a file and, optionally, to ``echo``."""
     def __init__(self, path: Path | None, echo: Callable[[str], None] | None):
         self.fh = open(path, "w", encoding="utf-8") if path else None
         self.echo = echo
@@ -84,7 +86,7 @@ def _to_tensor(images: np.ndarray):
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def train_vae(images, cfg: ToyTrainConfig, log: _Log):
+def train_vae(images, cfg: ToyTrainConfig, log: TrainLog):
     """Train the toy AutoencoderKL on ``images`` (a float tensor in [-1, 1]); returns the model."""
     import torch
     from diffusers import AutoencoderKL
@@ -98,7 +100,7 @@ def train_vae(images, cfg: ToyTrainConfig, log: _Log):
     vae.train()
     for step in range(cfg.vae_steps):
         for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup)
+            g["lr"] = warmup_cosine_lr(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup)
         idx = torch.randint(0, images.shape[0], (cfg.vae_batch,), generator=gen)
         x = images[idx]
         dist = vae.encode(x).latent_dist
@@ -150,7 +152,7 @@ def _tokenize_cached(tokenizer, cache: dict[str, Any], texts: list[str]):
     return torch.stack([cache[t] for t in texts])
 
 
-def train_diffusion(latents, scenes, tokenizer, cfg: ToyTrainConfig, log: _Log,
+def train_diffusion(latents, scenes, tokenizer, cfg: ToyTrainConfig, log: TrainLog,
                     snapshot: Callable[[int, Any, Any], None] | None = None):
     """Train UNet + text encoder on cached (already scaled) latents; returns EMA copies of both."""
     import copy
@@ -191,7 +193,7 @@ def train_diffusion(latents, scenes, tokenizer, cfg: ToyTrainConfig, log: _Log,
     text.train()
     n = latents.shape[0]
     for step in range(cfg.unet_steps):
-        lr = _lr(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup)
+        lr = warmup_cosine_lr(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(0, n, (cfg.unet_batch,), generator=gen)
@@ -243,7 +245,7 @@ def train_toy(out: Path, cfg: ToyTrainConfig | None = None, echo: Callable[[str]
         torch.set_num_threads(cfg.threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    log = _Log(out / "train-log.jsonl", echo)
+    log = TrainLog(out / "train-log.jsonl", echo)
     timings: dict[str, float] = {}
     try:
         t0 = time.perf_counter()

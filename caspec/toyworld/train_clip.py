@@ -20,7 +20,7 @@ import numpy as np
 
 from ..fsutil import atomic_write_bytes, atomic_write_text
 from .data import render_dataset, training_caption
-from .train import _Log, _lr
+from .train import TrainLog, warmup_cosine_lr
 
 TOY_CLIP = "caspec-toy-clip"
 
@@ -49,7 +49,7 @@ def train_clip(out: Path, cfg: ToyClipConfig | None = None, echo: Callable[[str]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     oc = register_configs()
-    log = _Log(out / "clip-log.jsonl", echo)
+    log = TrainLog(out / "clip-log.jsonl", echo)
     try:
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed)
@@ -65,7 +65,7 @@ def train_clip(out: Path, cfg: ToyClipConfig | None = None, echo: Callable[[str]
         model.train()
         for step in range(cfg.steps):
             for g in opt.param_groups:
-                g["lr"] = _lr(step, cfg.steps, cfg.lr, cfg.warmup)
+                g["lr"] = warmup_cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup)
             idx = torch.randint(0, len(scenes), (cfg.batch,), generator=gen).tolist()
             texts = []
             for i in idx:
