@@ -38,3 +38,25 @@ class S3:
     def keys(self, prefix: str = "store/") -> list[str]:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def running_s3(monkeypatch, *, key_id: str = "testing", secret: str = "testing", object_cache=None):
+    """A fixture body: a moto S3 server on 127.0.0.1 with a fresh bucket, and the environment a caspec store
+    reads to reach it (``object_cache``: where to keep fetched objects; default: caspec's own). Yields the server."""
+    import uuid
+
+    server = S3(free_port(), f"caspec-{uuid.uuid4().hex[:12]}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    if object_cache is not None:
+        monkeypatch.setenv("CASPEC_OBJECT_CACHE", str(object_cache))
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "CASPEC_STORE"):
+        monkeypatch.delenv(name, raising=False)
+    server.start()
+    try:
+        server.client().create_bucket(Bucket=server.bucket)
+        yield server
+    finally:
+        server.stop()

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import pytest
 from caspec.store import open_store
 from caspec.store.faults import ENV, EXIT_CODE
 
-from s3server import S3, free_port
+from s3server import running_s3
 
 pytestmark = pytest.mark.slow
 
@@ -114,18 +113,8 @@ def test_crash_after_every_local_store_write(tmp_path):
 
 
 @pytest.fixture
-def s3(tmp_path, monkeypatch):
-    server = S3(free_port(), f"caspec-{uuid.uuid4().hex[:12]}")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "CASPEC_STORE"):
-        monkeypatch.delenv(name, raising=False)
-    server.start()
-    server.client().create_bucket(Bucket=server.bucket)
-    yield server
-    server.stop()
+def s3(monkeypatch):
+    yield from running_s3(monkeypatch)
 
 
 def test_crash_after_every_s3_store_write(tmp_path, s3):

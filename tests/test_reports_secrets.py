@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from caspec.cli import main
 
 from fakeops import fake_ops  # tests/ is on sys.path
-from s3server import S3, free_port
+from s3server import free_port, running_s3
 
 SECRET = "sEcReT-" + uuid.uuid4().hex[:8]
 KEY_ID = "AKIA" + uuid.uuid4().hex[:8].upper()
@@ -53,18 +53,7 @@ def test_junit_and_markdown_hold_any_failure_message(tmp_path):
 
 @pytest.fixture
 def s3(monkeypatch, tmp_path):
-    server = S3(free_port(), f"caspec-{uuid.uuid4().hex[:12]}")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("CASPEC_OBJECT_CACHE", str(tmp_path / "object-cache"))
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "CASPEC_STORE"):
-        monkeypatch.delenv(name, raising=False)
-    server.start()
-    server.client().create_bucket(Bucket=server.bucket)
-    yield server
-    server.stop()
+    yield from running_s3(monkeypatch, key_id=KEY_ID, secret=SECRET, object_cache=tmp_path / "object-cache")
 
 
 def _everything(folder: Path) -> str:

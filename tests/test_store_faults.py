@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import textwrap
-import uuid
 import warnings
 from pathlib import Path
 
@@ -17,22 +16,12 @@ from caspec.store import LocalStore, open_store
 from caspec.store.remote import RemoteStore, RepairedObjectWarning
 
 from fakeops import fake_ops  # tests/ is on sys.path
-from s3server import S3, free_port
+from s3server import running_s3
 
 
 @pytest.fixture
-def s3(monkeypatch, tmp_path):
-    server = S3(free_port(), f"caspec-{uuid.uuid4().hex[:12]}")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "CASPEC_STORE"):
-        monkeypatch.delenv(name, raising=False)
-    server.start()
-    server.client().create_bucket(Bucket=server.bucket)
-    yield server
-    server.stop()
+def s3(monkeypatch):
+    yield from running_s3(monkeypatch)
 
 
 def produce(store, key: str, files: dict[str, bytes], overwrite: bool = False):

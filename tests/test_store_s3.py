@@ -21,7 +21,7 @@ from caspec.store import LocalStore, open_store
 from caspec.store.hashing import sha256_bytes
 from caspec.store.remote import RemoteStore
 
-from s3server import S3, free_port  # noqa: E402  (tests/ is on sys.path)
+from s3server import free_port, running_s3  # noqa: E402  (tests/ is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,18 +39,7 @@ edits:
 
 @pytest.fixture
 def s3(monkeypatch, tmp_path):
-    server = S3(free_port(), f"caspec-{uuid.uuid4().hex[:12]}")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("CASPEC_OBJECT_CACHE", str(tmp_path / "object-cache"))
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "CASPEC_STORE"):
-        monkeypatch.delenv(name, raising=False)
-    server.start()
-    server.client().create_bucket(Bucket=server.bucket)
-    yield server
-    server.stop()
+    yield from running_s3(monkeypatch, object_cache=tmp_path / "object-cache")
 
 
 def produce(store, key: str, files: dict[str, bytes], overwrite: bool = False):
