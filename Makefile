@@ -21,6 +21,7 @@ demo: setup
 	$(BIN)/caspec run specs/toy-demo.yaml
 	$(BIN)/caspec eval specs/toy-demo.yaml
 	@echo "open specs/out/toy-demo/index.html: every step, from the root to the metrics' plot" >&2
+	@echo "and specs/out/toy-demo/new-colors/index.html: root | plain prompt | concept, seed for seed" >&2
 
 # The review workflow on `toy` (real shapes to review): pause at a review gate, approve, resume; then open the
 # gallery yourself with `caspec review specs/toy-review.yaml` (CLIP's decisions of `auto` are there too).

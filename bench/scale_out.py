@@ -45,9 +45,11 @@ def _wait_all(procs: list[subprocess.Popen], start: float) -> list[float]:
 
 
 def _copy_spec(tmp: Path, name: str) -> Path:
-    """toy-demo in a folder of its own (two runs must not lay out outputs into one out/ folder)."""
+    """toy-demo (and the root image it reads) in a folder of its own (two runs must not lay out outputs into
+    one out/ folder)."""
     folder = tmp / name
     folder.mkdir(parents=True)
+    shutil.copytree(ROOT / "specs" / "toy-concepts", folder / "toy-concepts")
     return Path(shutil.copy(ROOT / "specs" / "toy-demo.yaml", folder))
 
 

@@ -93,9 +93,10 @@ def test_compose_scales_per_prompt_and_bare_equality(tmp_path, library, monkeypa
     store = LocalStore(tmp_path / ".caspec")
     summary = run(loaded, store)
     assert summary.exit_code == 0, summary.outcomes["story"]
-    # the scales actually set on the adapters, per prompt (alpha == rank here, so scaling == scale)
+    # the scales actually set on the adapters, per prompt (alpha == rank here, so scaling == scale), then
+    # every adapter at 0 for the plain-prompt twins (`baseline`)
     assert [s["unet"] for s in seen] == [{"asset0": 0.8, "asset1": 0.5}, {"asset0": 0.5, "asset1": 0.8},
-                                        {"asset0": 0.0, "asset1": 0.0}]
+                                        {"asset0": 0.0, "asset1": 0.0}, {"asset0": 0.0, "asset1": 0.0}]
     assert [s["text_encoder"] for s in seen] == [s["unet"] for s in seen]
     out = tmp_path / "out" / "comp" / "story"
     meta = Image.open(out / "p1-c0.png").text
@@ -109,6 +110,51 @@ def test_compose_scales_per_prompt_and_bare_equality(tmp_path, library, monkeypa
     # and the assets do change images that use them
     robot = txt2img(bare, ["a <robot1> in <style1>"], [int(Image.open(out / "p0-c0.png").text["seed"])], steps=6)[0]
     assert not np.array_equal(np.asarray(Image.open(out / "p0-c0.png")), np.asarray(robot))
+
+
+def test_baseline_twins_are_the_plain_prompt_on_the_same_seed_without_the_assets(tmp_path, library):
+    """`baseline` (default): each image that uses an asset gets a twin drawn from its prompt in plain words
+    (the words the pseudo-words were initialised from) on its seed, by the bare model; the sheet shows both."""
+    spec = write_spec(tmp_path, library)
+    store = LocalStore(tmp_path / ".caspec")
+    summary = run(load_spec(spec), store)
+    assert summary.exit_code == 0, summary.outcomes["story"]
+    out = tmp_path / "out" / "comp" / "story"
+    record = store.get(make_plan(load_spec(spec), store).nodes["story"].key)
+    images, twins = record.result["images"], {b["id"]: b for b in record.result["baseline"]}
+    assert [twins[e["baseline"]]["prompt"] for e in images[:2]] == ["a robot in style", "style of a robot"]
+    assert "baseline" not in images[2]  # "a photo of a cat" uses no asset: it is its own plain prompt
+    assert len(twins) == 2 and record.result["roots"] == []  # asset folders: no root known
+    bare = load_pipeline(ModelSpec(), tmp_path, fresh=True)
+    for e in images[:2]:
+        twin = twins[e["baseline"]]
+        assert twin["seed"] == e["seed"] and twin["plain_of"] == [e["id"]]
+        ref = txt2img(bare, [twin["prompt"]], [e["seed"]], steps=6, guidance_scale=7.5, negative_prompt="")[0]
+        assert np.array_equal(np.asarray(Image.open(out / twin["file"]).convert("RGB")), np.asarray(ref))
+    sheet = (out / "index.html").read_text()
+    assert "plain prompt: a robot in style (no asset)" in sheet and 'src="p0-c0-plain.png"' in sheet
+    assert sheet.index('src="p0-c0-plain.png"') < sheet.index('src="p0-c0.png"')
+
+
+def test_baseline_off_draws_no_twins_and_has_its_own_key(tmp_path, library):
+    spec = write_spec(tmp_path, library)
+    store = LocalStore(tmp_path / ".caspec")
+    key_on = make_plan(load_spec(spec), store).nodes["story"].key
+    spec.write_text(spec.read_text().replace("images: 1", "images: 1\n    baseline: false"))
+    loaded = load_spec(spec)
+    assert make_plan(loaded, store).nodes["story"].key != key_on
+    summary = run(loaded, store)
+    assert summary.exit_code == 0
+    result = store.get(make_plan(loaded, store).nodes["story"].key).result
+    assert "baseline" not in result and not any("baseline" in e for e in result["images"])
+    assert not list((tmp_path / "out" / "comp" / "story").glob("*plain*"))
+
+
+def test_plain_words_say_a_repeated_word_once_and_drop_words_without_one():
+    words = {"<tint1>": "color", "<mystar>": "star", "<x>": ""}
+    assert C.plain_words("a red <mystar>", words) == "a red star"
+    assert C.plain_words("a <tint1> <mystar>", words) == "a color star"
+    assert C.plain_words("a <x> <mystar> at the left", words) == "a star at the left"
 
 
 def test_asset_files_enter_the_key(tmp_path, library):
@@ -174,7 +220,7 @@ def test_asset_trained_in_fp32_composes_in_bf16(tmp_path, library):
     spec.write_text(spec.read_text().replace("name: comp\n", "name: comp\nmodel: {base: tiny, dtype: bf16}\n"))
     summary = run(load_spec(spec), LocalStore(tmp_path / ".caspec"))
     assert summary.exit_code == 0, summary.outcomes["story"].message
-    assert len(list((tmp_path / "out" / "comp" / "story").glob("*.png"))) == 3
+    assert len(list((tmp_path / "out" / "comp" / "story").glob("p*-c?.png"))) == 3
 
 
 def test_asset_from_other_tiny_weights_is_refused_saying_what_differs(tmp_path, library):

@@ -287,3 +287,38 @@ def test_no_nan_in_results(clip):
     result = evaluate(clip, {"a": [(im, "a robot") for im in _images(2, seed=12)]})
     values = [v for g in result["groups"].values() for v in g.values() if isinstance(v, float)]
     assert values and all(math.isfinite(v) for v in values)
+
+
+def test_evaluate_scores_a_baseline_against_the_same_plain_text(clip):
+    """Issue 28: a concept's plain-prompt twins are scored as a baseline, against the text its images are
+    (pseudo-words in plain words), so the two points differ only by the asset."""
+    concept = _images(3, seed=21)
+    twins = _images(3, seed=22)
+    prompts = ["a red <star1>", "a red <star1>", "a cyan <star1>"]
+    result = evaluate(clip, {"star": list(zip(concept, prompts))}, {"<star{k}>": "star"},
+                      baselines={"star": list(zip(twins, prompts))})
+    alone = evaluate(clip, {"star": list(zip(twins, ["a red star", "a red star", "a cyan star"]))})
+    assert result["baselines"]["star"] == pytest.approx(alone["groups"]["star"], abs=1e-9)
+    assert result["groups"]["star"] == pytest.approx(evaluate(clip, {"star": list(zip(concept, prompts))},
+                                                              {"<star{k}>": "star"})["groups"]["star"], abs=1e-9)
+    assert "baselines" not in alone
+
+
+def test_the_plot_draws_the_plain_prompt_beside_the_concept_and_the_strip():
+    from caspec.metrics.evaluate import figure
+
+    result = {"groups": {"star": {"prompt_consistency": 0.70, "identity_consistency": 0.62, "n": 12}},
+              "baselines": {"star": {"prompt_consistency": 0.77, "identity_consistency": 0.49, "n": 12}},
+              "clip": {"model": "m", "random_weights": False}}
+    strip = [("root", _images(1, seed=1)[0]), ("plain: a red star", _images(1, seed=2)[0]),
+             ("concept: a red <star1>", _images(1, seed=3)[0])]
+    fig = figure(result, strip=strip)
+    main, *cells = fig.axes
+    texts = [t.get_text() for t in main.texts]
+    assert "star (n=12)" in texts and "star: plain prompt" in texts
+    arrows = [t for t in main.texts if t.arrow_patch is not None]
+    assert len(arrows) == 1 and arrows[0].xy == (0.70, 0.62) and arrows[0].xyann == (0.77, 0.49)
+    assert [c.get_title() for c in cells] == [label for label, _ in strip]
+    assert all(len(c.images) == 1 for c in cells)
+    bare = figure({k: v for k, v in result.items() if k != "baselines"})
+    assert len(bare.axes) == 1 and [t.get_text() for t in bare.axes[0].texts] == ["star (n=12)"]

@@ -180,3 +180,48 @@ def test_the_readmes_first_spec_runs_and_its_overview_links_every_step(tmp_path,
     sources = re.findall(r'<img src="([^"]+)"', text)
     assert len(sources) == 1 + 6 + 4 and all((page.parent / s).is_file() for s in sources)
     assert 'href="../../reviews/first/picks.html"' in text and (tmp_path / "reviews/first/picks.html").is_file()
+
+
+CHAIN = """\
+version: 1
+model: tiny
+roots:
+  robot: {prompt: "a robot", candidates: 2}
+  other: {prompt: "a cat"}
+edits:
+  colors: {from: robot, prompts: ["a red robot"]}
+select:
+  picks: {from: colors, by: clip}
+concepts:
+  mine:
+    from: picks
+    words: [{token: "<r1>", init: robot}]
+compose:
+  story:
+    assets: [mine]
+    prompts: ["a <r1> on the moon"]
+"""
+
+
+def test_compose_shows_the_root_its_asset_came_from_and_it_enters_the_key(tmp_path):
+    """Issue 28 item 7: compose reaches the root through concepts -> select -> edits (upstream as ``root0``,
+    so the sheet can show it and its content is in the key); without `baseline` it does not."""
+    from caspec.plan.graph import build_nodes
+    from caspec.spec.load import load_spec
+
+    spec = tmp_path / "chain.yaml"
+    spec.write_text(CHAIN)
+    loaded = load_spec(spec)
+    assert [loaded.spec.roots_of(s) for s in ("mine", "picks", "colors", "robot", "other", "nope")] == \
+        [["robot"], ["robot"], ["robot"], ["robot"], ["other"], []]
+    assert build_nodes(loaded)["story"].upstream == {"asset0": "mine", "root0": "robot"}
+    spec.write_text(CHAIN + "    baseline: false\n")
+    assert build_nodes(load_spec(spec))["story"].upstream == {"asset0": "mine"}
+
+
+def test_the_overview_shows_a_compose_steps_root_first(tmp_path):
+    from caspec.exec.overview import _images
+
+    for name in ("p0-c0.png", "p0-c0-plain.png", "root-0.png", "plot.png"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in _images(tmp_path)] == ["plot.png", "root-0.png", "p0-c0-plain.png", "p0-c0.png"]

@@ -65,8 +65,10 @@ def _section(loaded: Any, node: Any, spec_out: Path, out_root: Path | None) -> s
 
 
 def _images(folder: Path) -> list[Path]:
-    """The step's images: its own, then its final training previews, then its plot."""
-    own = sorted(p for p in folder.glob("*.png") if p.name != "plot.png")
+    """The step's images: its plot, the roots it shows (compose), its own (a compose step's plain-prompt twin
+    just before its concept image), then its final training previews."""
+    own = sorted((p for p in folder.glob("*.png") if p.name != "plot.png"),
+                 key=lambda p: (not p.name.startswith("root-"), p.name))
     previews = sorted(folder.glob("previews/*.png"))
     numbers = sorted({p.name.split("-")[1] for p in previews if p.name.startswith("step-")})
     if numbers:  # the last step's previews (``step-N-i.png``): the trained asset, not the way there

@@ -2,7 +2,9 @@
 
 * prompt consistency: the cosine between an image and the prompt it was generated from, with the
   pseudo-words replaced by plain words (``<robot3>`` -> ``robot``), so a stock CLIP can read it;
-* identity consistency: the mean cosine between the images of one concept (all pairs i < j).
+* identity consistency: the mean cosine between the images of one concept (all pairs i < j);
+* both again for a concept's *baseline* (the same seeds drawn from the plain prompt, no asset), scored
+  against the same plain text, so the concept's gain over the plain prompt can be read.
 
 :func:`evaluate` scores groups of (image, prompt) pairs (a group is a concept, or a method to compare)
 into a JSON-serialisable result, :func:`plot` draws it as Fig. 5 (prompt consistency on x, identity
@@ -123,44 +125,47 @@ def plain_prompt(prompt: str, describe: Mapping[str, str]) -> str:
 
 
 def evaluate(clip: Clip, groups: Mapping[str, Sequence[tuple["Image.Image", str]]],
-             describe: Mapping[str, str] | None = None) -> dict[str, Any]:
+             describe: Mapping[str, str] | None = None, *,
+             baselines: Mapping[str, Sequence[tuple["Image.Image", str]]] | None = None) -> dict[str, Any]:
     """Score each group of (image, prompt) pairs: mean prompt consistency, identity consistency, n.
 
     Returns ``{"groups": {name: {"prompt_consistency", "identity_consistency", "n"}}, "clip": identity}``
     (JSON-serialisable; a metric that cannot be computed, e.g. identity for one image, is None); ``clip``
     says ``random_weights`` and, for random ones, carries a ``warning``.
+
+    ``baselines`` (name -> the plain-prompt twins of a group's images, each with the prompt of the image it
+    twins, so both are scored against the same plain text) adds ``"baselines": {name: {...}}``.
     All images are embedded in one batched pass, and each distinct prompt once.
     """
     describe = describe or {}
-    names = list(groups)
+    sets = {("groups", name): items for name, items in groups.items()}
+    sets.update({("baselines", name): items for name, items in (baselines or {}).items()})
     images: list[Any] = []
     prompts: list[str] = []
-    spans: dict[str, tuple[int, int]] = {}
-    for name in names:
+    spans: dict[tuple[str, str], tuple[int, int]] = {}
+    for (kind, name), items in sets.items():
         start = len(images)
-        for item in groups[name]:
-            image, prompt = item
+        for image, prompt in items:
             try:
                 prompts.append(plain_prompt(prompt, describe))
             except ValueError as exc:
                 raise ValueError(f"group `{name}`: {exc}") from None
             images.append(image)
-        spans[name] = (start, len(images))
+        spans[(kind, name)] = (start, len(images))
 
-    out: dict[str, Any] = {}
     if images:
         img = clip.embed_images(images).double()
         txt = _embed_unique(clip, prompts).double()
         per_image = (img * txt).sum(dim=1)
-    for name in names:
-        a, b = spans[name]
+    out: dict[str, Any] = {"groups": {}}
+    for (kind, name), (a, b) in spans.items():
         n = b - a
-        out[name] = {
+        out.setdefault(kind, {})[name] = {
             "prompt_consistency": float(per_image[a:b].mean()) if n else None,
             "identity_consistency": _pairwise_mean(img[a:b]) if n >= 2 else None,
             "n": n,
         }
-    return {"groups": out, "clip": {**clip.identity, **weights_info(clip.spec.model, clip.spec.pretrained)}}
+    return {**out, "clip": {**clip.identity, **weights_info(clip.spec.model, clip.spec.pretrained)}}
 
 
 def save_result(result: Mapping[str, Any], path: str | Path) -> Path:
@@ -173,24 +178,45 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def plot(result: Mapping[str, Any], path: str | Path, *, title: str | None = None) -> Path:
+def plot(result: Mapping[str, Any], path: str | Path, *, title: str | None = None,
+         strip: Sequence[tuple[str, "Image.Image"]] = ()) -> Path:
     """A PNG scatter as the paper's Fig. 5: prompt consistency (x) vs identity consistency (y), one
-    labelled point per group. Groups missing a metric (fewer than 2 images) are listed, not drawn."""
+    labelled point per group, and (hollow, with an arrow to its concept) the group's plain-prompt baseline.
+    Groups missing a metric (fewer than 2 images) are listed, not drawn. ``strip``: (label, image) pairs
+    drawn in a row under the plot (root | plain prompt | concept)."""
+    fig = figure(result, title=title, strip=strip)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def figure(result: Mapping[str, Any], *, title: str | None = None,
+           strip: Sequence[tuple[str, "Image.Image"]] = ()) -> Any:
+    """The matplotlib Figure that :func:`plot` saves (no pyplot: no global backend or figure state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+    from matplotlib.figure import Figure
 
     groups = result.get("groups", {})
-    drawn = {k: v for k, v in groups.items()
-             if _finite(v.get("prompt_consistency")) and _finite(v.get("identity_consistency"))}
+    baselines = result.get("baselines", {})
+    drawn = {k: v for k, v in groups.items() if _drawable(v)}
     skipped = [k for k in groups if k not in drawn]
 
-    fig = Figure(figsize=(5.5, 4.5), dpi=120)
+    fig = Figure(figsize=(5.5, 6.4 if strip else 4.5), dpi=120)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    grid = fig.add_gridspec(2 if strip else 1, max(len(strip), 1), height_ratios=[3.2, 1] if strip else [1])
+    ax = fig.add_subplot(grid[0, :])
     for i, (name, v) in enumerate(drawn.items()):
         x, y = v["prompt_consistency"], v["identity_consistency"]
         ax.scatter([x], [y], s=60, color=f"C{i % 10}", zorder=3)
         ax.annotate(f"{name} (n={v.get('n', '?')})", (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
+        base = baselines.get(name)
+        if base and _drawable(base):
+            bx, by = base["prompt_consistency"], base["identity_consistency"]
+            ax.scatter([bx], [by], s=60, facecolors="none", edgecolors=f"C{i % 10}", zorder=3)
+            ax.annotate("", xy=(x, y), xytext=(bx, by), arrowprops={"arrowstyle": "->", "color": f"C{i % 10}"})
+            left = bx >= x  # the label on the side away from the arrow
+            ax.annotate(f"{name}: plain prompt", (bx, by), textcoords="offset points", xytext=(-6 if left else 6, -12),
+                        ha="right" if left else "left", fontsize=8)
     ax.set_xlabel("prompt consistency (CLIP text-image cosine)")
     ax.set_ylabel("identity consistency (CLIP image-image cosine)")
     clip = result.get("clip") or {}
@@ -201,12 +227,19 @@ def plot(result: Mapping[str, Any], path: str | Path, *, title: str | None = Non
         ax.margins(0.25)
     else:
         ax.text(0.5, 0.5, "nothing to plot", ha="center", va="center", transform=ax.transAxes)
+    for j, (label, image) in enumerate(strip):
+        cell = fig.add_subplot(grid[1, j])
+        cell.imshow(image)
+        cell.set_axis_off()
+        cell.set_title(label if len(label) <= 30 else label[:29] + "…", fontsize=7)
     if skipped:
         fig.text(0.01, 0.01, "not drawn (fewer than 2 images): " + ", ".join(skipped), fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return atomic_write_bytes(Path(path), buf.getvalue())
+    return fig
+
+
+def _drawable(values: Mapping[str, Any]) -> bool:
+    return _finite(values.get("prompt_consistency")) and _finite(values.get("identity_consistency"))
 
 
 def plot_title(clip: Mapping[str, Any]) -> str:
@@ -256,5 +289,5 @@ def check_thresholds(result: Mapping[str, Any], thresholds: Mapping[str, float])
 
 __all__ = [
     "METRICS", "prompt_consistency", "identity_consistency", "plain_prompt", "evaluate", "save_result",
-    "plot", "plot_title", "check_thresholds",
+    "plot", "figure", "plot_title", "check_thresholds",
 ]

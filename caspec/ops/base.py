@@ -5,6 +5,8 @@ An op is a small object with ``KIND``, ``VERSION`` and four methods:
 * ``params(step, spec)``: the resolved parameters that enter the cache key (JSON-able, no paths);
 * ``inputs(step, spec_dir)``: user files the step reads (their digests enter the key);
 * ``upstream(step)``: role -> upstream step id (their keys enter the key; ids themselves never do);
+  ``shown_upstream(step, spec)`` adds steps whose outputs the op only shows beside its own (compose's roots):
+  upstream all the same, in the key and in ``ctx.upstream``;
 * ``run(ctx)``: do the work, writing files only under ``ctx.out_dir``; return the step's result
   (JSON-able), typically ``{"images": [ImageEntry, ...]}``. Files and result are the step's *content*:
   downstream keys follow them (early cutoff), so they hold nothing volatile. Timings and other facts about
@@ -84,6 +86,11 @@ class Op:
         return {}
 
     def upstream(self, step: Any) -> dict[str, str]:
+        return {}
+
+    def shown_upstream(self, step: Any, spec: Spec) -> dict[str, str]:
+        """Role -> step id of steps whose outputs this op shows beside its own (e.g. the root an asset came
+        from): upstream like the others, so their content enters the key."""
         return {}
 
     def run(self, ctx: RunContext) -> dict[str, Any]:

@@ -7,6 +7,12 @@ asset a prompt does not use contributes nothing to it. `asset_scales` fixes an a
 `lora_windows` confines an asset's denoiser LoRA to a span of the sampling trajectory (t/T), applied by
 the sampler's per-step hook (:func:`window_hook`), on every family.
 Assets come from `concepts` steps (upstream) or asset folders (paths, hashed into the key).
+
+With `baseline` (the default), each prompt that uses an asset is also drawn as plain words (:func:`plain_words`:
+`a red <mystar>` -> `a red star`) on the same seeds with every adapter at 0, and the images of the `roots` step
+each asset descends from are copied in (upstream as ``root{i}``, :meth:`ComposeOp.shown_upstream`). The contact
+sheet (``index.html``) shows root | plain prompt | concept per prompt, seed for seed; ``eval`` measures both.
+The result keeps them apart from ``images`` (``baseline``, ``roots``), so what reads ``images`` is unchanged.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ def image_seeds(base: int, prompt: str, images: int, *, same_seeds: bool = False
 
 class ComposeOp(Op):
     KIND = "compose"
-    VERSION = 2  # 2: PNGs no longer carry the step key or caspec version
+    VERSION = 3  # 2: PNGs no longer carry the step key or caspec version; 3: `baseline` (plain prompts, roots)
 
     USES_FAMILY = True
 
@@ -47,7 +53,7 @@ class ComposeOp(Op):
                 "first_scale": step.first_scale, "later_scale": step.later_scale,
                 "asset_scales": [step.asset_scales.get(a) for a in step.assets],
                 "assets": [{"source": "path" if is_asset_path(a) else "step"} for a in step.assets],
-                **({"same_seeds": True} if step.same_seeds else {}),
+                "baseline": step.baseline, **({"same_seeds": True} if step.same_seeds else {}),
                 **({"lora_windows": [step.lora_windows.get(a) for a in step.assets]} if step.lora_windows else {})}
 
     def inputs(self, step: Any, spec_dir: Path) -> dict[str, Path]:
@@ -56,6 +62,13 @@ class ComposeOp(Op):
 
     def upstream(self, step: Any) -> dict[str, str]:
         return {f"asset{i}": a for i, a in enumerate(step.assets) if not is_asset_path(a)}
+
+    def shown_upstream(self, step: Any, spec: Any) -> dict[str, str]:
+        """With `baseline`: the `roots` step each `concepts`-step asset descends from, as ``root{i}``."""
+        if not step.baseline:
+            return {}
+        return {f"root{i}": root for i, a in enumerate(step.assets) if not is_asset_path(a)
+                for root in spec.roots_of(a)}
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         from ..assets.format import apply_asset, load_asset
@@ -71,7 +84,7 @@ class ComposeOp(Op):
             apply_asset(pipe, asset, lora_scale=0.0, adapter_name=f"asset{i}")
         _check_prompts(ctx, pipe, assets)
         windows = resolved_windows(ctx, p.get("lora_windows"), assets)
-        entries = []
+        entries: list[dict[str, Any]] = []
         for j, prompt in enumerate(p["prompts"]):
             scales = prompt_scales(prompt, [a.tokens for a in assets], p["first_scale"], p["later_scale"],
                                    p["asset_scales"])
@@ -82,12 +95,45 @@ class ComposeOp(Op):
             finally:
                 pipe.step_hook = None
             ctx.progress(len(entries), len(p["prompts"]) * p["images"], f"{ctx.step_id}: {prompt[:40]}")
-        _contact_sheet(ctx.out_dir, entries)
-        return {"images": entries}
+        if not p.get("baseline"):
+            _contact_sheet(ctx.out_dir, entries)
+            return {"images": entries}
+        set_scales(pipe, [0.0] * len(assets))
+        baseline = self._render_plain(ctx, pipe, entries, assets)
+        roots = copy_roots(ctx)
+        _contact_sheet(ctx.out_dir, entries, baseline, roots)
+        return {"images": entries, "baseline": baseline, "roots": roots}
 
     def _folders(self, ctx: RunContext, tmp: Path) -> list[Path]:
         return [asset_folder(ctx, f"asset{i}", tmp) for i in range(len(ctx.params["assets"]))]
 
+    def _render_plain(self, ctx: RunContext, pipe: Any, entries: list[dict[str, Any]],
+                      assets: list[Any]) -> list[dict[str, Any]]:
+        """The plain-prompt twin of every image that uses an asset: the prompt in plain words, its seed, no
+        adapter. Each concept image entry gets ``baseline`` (its twin's id); twins shared by several prompts
+        (same plain words and seed, e.g. with ``same_seeds``) are drawn once."""
+        p = ctx.params
+        words = {tok: a.init_words.get(tok) or "" for a in assets for tok in a.tokens}
+        wanted: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for e in entries:
+            if e["assets"]:
+                wanted.setdefault((plain_words(e["prompt"], words), e["seed"]), []).append(e)
+        out = []
+        for n, ((plain, seed), users) in enumerate(wanted.items()):
+            img = pipe.kind.txt2img(pipe, [plain], [seed], steps=p["steps"], guidance_scale=p["guidance_scale"],
+                                    negative_prompt=p["negative_prompt"], resolution=p["resolution"],
+                                    true_cfg_scale=p.get("true_cfg_scale"))[0]
+            iid = f"{users[0]['id']}-plain"  # sorts next to its first concept image
+            save_png(ctx.out_dir / f"{iid}.png", img, {
+                "prompt": plain, "negative_prompt": p["negative_prompt"], "seed": seed, "steps": p["steps"],
+                "guidance_scale": p["guidance_scale"], "assets": [], "step": ctx.step_id, "id": iid,
+                "model": ctx.model.base})
+            out.append(image_entry(iid, f"{iid}.png", prompt=plain, seed=seed, plain_of=[u["id"] for u in users],
+                                   digest=pixel_digest(img)))
+            for u in users:
+                u["baseline"] = iid
+            ctx.progress(len(entries) + n + 1, len(entries) + len(wanted), f"{ctx.step_id}: plain prompt {plain[:40]}")
+        return out
 
     def _render(self, ctx: RunContext, pipe: Any, j: int, prompt: str, scales: list[float],
                 assets: list[Any]) -> list[dict[str, Any]]:
@@ -124,6 +170,36 @@ def prompt_scales(prompt: str, tokens: list[list[str]], first: float, later: flo
     for rank, i in enumerate(order):
         scales[i] = fixed[i] if fixed[i] is not None else (first if rank == 0 else later)
     return scales
+
+
+def plain_words(prompt: str, words: dict[str, str]) -> str:
+    """``prompt`` with each pseudo-word replaced by its plain word (``words``: token -> word; "" drops it), the
+    same word said once where pseudo-words follow each other (``a <tint1> <mystar>`` -> ``a color star``)."""
+    from ..metrics.evaluate import plain_prompt
+
+    return plain_prompt(prompt, words)
+
+
+def copy_roots(ctx: RunContext, most: int = 4) -> list[dict[str, Any]]:
+    """Copy (bytes as they are) up to ``most`` images of each root upstream (``root{i}``) into the output;
+    one entry per image, naming the assets (as in the step's ``assets``) that descend from it."""
+    names = list(getattr(ctx.extra.get("step"), "assets", []))
+    out: list[dict[str, Any]] = []
+    seen: dict[str, dict[str, Any]] = {}
+    for role in sorted((r for r in ctx.upstream if r.startswith("root")), key=lambda r: int(r[4:])):
+        up, i = ctx.upstream[role], int(role[4:])
+        for img in up.result.get("images", [])[:most]:
+            name_i = names[i] if i < len(names) else f"asset{i}"
+            if img["digest"] in seen:
+                seen[img["digest"]]["assets"].append(name_i)
+                continue
+            name = f"root-{len(out)}.png"
+            shutil.copyfile(up.file(img["file"]), ctx.out_dir / name)
+            entry = image_entry(f"root-{len(out)}", name, prompt=img.get("prompt") or "", seed=img.get("seed"),
+                                assets=[name_i], digest=img["digest"])
+            seen[img["digest"]] = entry
+            out.append(entry)
+    return out
 
 
 def set_scales(pipe: Any, scales: list[float]) -> None:
@@ -210,13 +286,39 @@ def _check_prompts(ctx: RunContext, pipe: Any, assets: list[Any]) -> None:
                   pseudo_words=[t for a in assets for t in a.tokens])
 
 
-def _contact_sheet(out_dir: Path, entries: list[dict[str, Any]]) -> None:
-    cells = "".join(f'<figure style="margin:6px;width:200px"><img src="{html.escape(e["file"])}" style="width:192px;'
-                    f'image-rendering:pixelated"><figcaption><b>{html.escape(e["id"])}</b> seed {e["seed"]}<br>'
-                    f'<small>{html.escape(e["prompt"])}</small></figcaption></figure>' for e in entries)
-    (out_dir / "index.html").write_text(f"<!doctype html><meta charset=utf-8><title>compose</title>"
-                                        f"<body style='font-family:sans-serif'><div style='display:flex;"
-                                        f"flex-wrap:wrap'>{cells}</div></body>", encoding="utf-8")
+def _contact_sheet(out_dir: Path, entries: list[dict[str, Any]], baseline: list[dict[str, Any]] | None = None,
+                   roots: list[dict[str, Any]] | None = None) -> None:
+    """``index.html``: the roots the assets came from, then per prompt a row of its images and, with a
+    baseline, the row of their plain-prompt twins above it, column for column (same seed)."""
+    twin = {b["id"]: b for b in baseline or []}
+    parts = []
+    if roots:
+        parts.append("<h2>made from: the root</h2>" + _row("root", [{**r, "caption": r["prompt"] or "an image file"}
+                                                                  for r in roots], caption="caption"))
+    prompts: dict[int, list[dict[str, Any]]] = {}
+    for e in entries:
+        prompts.setdefault(e["prompt_index"], []).append(e)
+    for images in prompts.values():
+        parts.append(f"<h2>{html.escape(images[0]['prompt'])}</h2>")
+        plain = [twin[e["baseline"]] for e in images if e.get("baseline") in twin]
+        if len(plain) == len(images):
+            parts.append(_row(f"plain prompt: {plain[0]['prompt']} (no asset)", plain))
+            parts.append(_row(f"with the asset: {images[0]['prompt']}", images))
+        else:
+            parts.append(_row(images[0]["prompt"], images))
+    note = ("<p>Each column is one seed: the plain prompt without the asset, then the concept. "
+            "The gain is what the concept keeps of the root.</p>" if baseline else "")
+    (out_dir / "index.html").write_text("<!doctype html><meta charset=utf-8><title>compose</title>"
+                                        "<body style='font-family:sans-serif'>" + note + "".join(parts) + "</body>",
+                                        encoding="utf-8")
+
+
+def _row(label: str, images: list[dict[str, Any]], caption: str = "seed") -> str:
+    cells = "".join(f'<figure style="margin:4px;width:140px"><img src="{html.escape(e["file"])}" alt="{html.escape(e["id"])}" '
+                    'style="width:128px;image-rendering:pixelated"><figcaption><small>'
+                    f'{html.escape(str(e.get(caption, "")))}</small></figcaption></figure>' for e in images)
+    return (f"<div><div><b>{html.escape(label)}</b></div>"
+            f"<div style='display:flex;flex-wrap:wrap'>{cells}</div></div>")
 
 
 def asset_folder(ctx: RunContext, role: str, tmp: Path) -> Path:

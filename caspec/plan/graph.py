@@ -127,7 +127,7 @@ def build_nodes(loaded: Any) -> dict[str, Node]:
         else:
             params, facts = op.params(step, spec), {}
         raw[step_id] = Node(id=step_id, kind=kind, section=section, step=step, op=op, params=params,
-                            inputs=op.inputs(step, loaded.dir), upstream=op.upstream(step), model=own, facts=facts)
+                            inputs=op.inputs(step, loaded.dir), upstream={**op.upstream(step), **op.shown_upstream(step, spec)}, model=own, facts=facts)
     sorter = TopologicalSorter({sid: set(n.upstream.values()) for sid, n in raw.items()})
     try:
         order = list(sorter.static_order())

@@ -271,6 +271,7 @@ class ComposeStep(Sampling):
     later_scale: float = Field(0.5, ge=0, le=4, description="LoRA scale of each later asset in a prompt (paper: 0.5).")
     asset_scales: dict[str, Annotated[float, Field(ge=0, le=4)]] = Field(default_factory=dict, description="Fixed LoRA scale per asset (by the name used in `assets`), overriding the first/later rule.")
     same_seeds: bool = Field(False, description="Derive each image's seed from its prompt with the pseudo-words masked, so that prompts differing only in whose pseudo-words they use (`a red <spot-ti>`, `a red <spot-lora>`) get the same seeds: methods compared on the same noise. Default: from the whole prompt.")
+    baseline: bool = Field(True, description="Also draw each prompt that uses an asset as plain words (every pseudo-word replaced by the word it was initialised from, as the asset's card keeps it: `a red <mystar>` -> `a red star`), on the same seeds and with no asset, and show the roots the assets were made from: the contact sheet and `eval` put them beside the concept, so the gain is visible. `false`: only the concept images.")
     lora_windows: dict[str, Annotated[list[Annotated[float, Field(ge=0, le=1)]], Field(min_length=2, max_length=2)] | Literal["auto"]] = Field(default_factory=dict, description="A time window per asset (by the name used in `assets`): `[start, end]` in t/T (1 = pure noise, 0 = the image), or `auto`: the window kept in the asset's card (its `lora_window`, measured or set when it was trained). The asset's denoiser LoRA acts only while the sampler's t/T is inside it; its embeddings and text-encoder LoRA act throughout. `[0, 0.6]` keeps a LoRA out of the early steps, where the layout is decided.")
 
     @model_validator(mode="after")
@@ -377,6 +378,19 @@ class Spec(_Model):
                     steps[sid] = {**step, "clip": {**clip, "model": DEFAULT_CLIP[base]}}
             data[section] = steps
         return data
+
+    def roots_of(self, step_id: str) -> list[str]:
+        """The `roots` step a step's images descend from, following `from:` through edits, select and concepts
+        steps (``[]`` when the chain ends elsewhere, e.g. at an unknown id)."""
+        seen: set[str] = set()
+        current: str | None = step_id
+        while current is not None and current not in seen:
+            if current in self.roots:
+                return [current]
+            seen.add(current)
+            step = self.edits.get(current) or self.select.get(current) or self.concepts.get(current)
+            current = getattr(step, "from_", None)
+        return []
 
     def steps(self) -> Iterator[tuple[str, str, _Model]]:
         """Yield ``(section, step_id, step)`` for every step, in file order within each section."""
