@@ -73,6 +73,7 @@ def test_toy_demo_end_to_end(tmp_path):
         assert im.height > im.width  # the strip under the scatter
     overview = (out / "index.html").read_text(encoding="utf-8")
     assert overview.index('src="new-colors/root-0.png"') < overview.index('src="new-colors/p0-c0-plain.png"')
+    assert "then per seed the plain prompt (no asset) and the concept" in overview
     # every demo page the README and the Makefile point at exists
     import re
 

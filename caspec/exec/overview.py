@@ -57,11 +57,25 @@ def _section(loaded: Any, node: Any, spec_out: Path, out_root: Path | None) -> s
     links.append(_link(spec_out, folder, "folder"))
     images = _images(folder)
     figures = "".join(f'<a href="{_rel(spec_out, p)}"><img src="{_rel(spec_out, p)}" title="{html.escape(p.name)}" '
-                      "style='width:128px;margin:3px;image-rendering:pixelated'></a>" for p in images[:SHOWN_IMAGES])
+                      f"style='{_style(p)}'></a>" for p in images[:SHOWN_IMAGES])
     more = f"<p><small>and {len(images) - SHOWN_IMAGES} more</small></p>" if len(images) > SHOWN_IMAGES else ""
     what = SECTION_TITLES.get(node.section, node.section)
     return (f"<h2>{html.escape(what)}: <code>{html.escape(node.id)}</code> <small>({html.escape(node.kind)}; "
-            f"{' · '.join(links)})</small></h2><div>{figures}</div>{more}")
+            f"{' · '.join(links)})</small></h2>{_legend(images)}<div>{figures}</div>{more}")
+
+
+def _style(image: Path) -> str:
+    if image.name == "plot.png":  # a figure, read at its own size
+        return "width:480px;margin:3px"
+    return "width:128px;margin:3px;image-rendering:pixelated"
+
+
+def _legend(images: list[Path]) -> str:
+    """What a compose step's row shows, where it has roots and plain-prompt twins."""
+    if not any(p.name.endswith("-plain.png") for p in images):
+        return ""
+    return ("<p><small>The root first, then per seed the plain prompt (no asset) and the concept: what the asset "
+            "adds is what differs. Its page lays them out prompt by prompt.</small></p>")
 
 
 def _images(folder: Path) -> list[Path]:

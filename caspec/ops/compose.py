@@ -315,10 +315,14 @@ def _contact_sheet(out_dir: Path, entries: list[dict[str, Any]], baseline: list[
 
 def _row(label: str, images: list[dict[str, Any]], caption: str = "seed") -> str:
     cells = "".join(f'<figure style="margin:4px;width:140px"><img src="{html.escape(e["file"])}" alt="{html.escape(e["id"])}" '
-                    'style="width:128px;image-rendering:pixelated"><figcaption><small>'
-                    f'{html.escape(str(e.get(caption, "")))}</small></figcaption></figure>' for e in images)
+                    'style="width:128px;image-rendering:pixelated"><figcaption style="overflow-wrap:anywhere"><small>'
+                    f'{html.escape(_caption(e, caption))}</small></figcaption></figure>' for e in images)
     return (f"<div><div><b>{html.escape(label)}</b></div>"
             f"<div style='display:flex;flex-wrap:wrap'>{cells}</div></div>")
+
+
+def _caption(entry: dict[str, Any], field: str) -> str:
+    return f"seed {entry['seed']}" if field == "seed" else str(entry.get(field, ""))
 
 
 def asset_folder(ctx: RunContext, role: str, tmp: Path) -> Path:
