@@ -216,13 +216,9 @@ def _caspec_info(meta: Mapping[str, str]) -> dict[str, Any]:
 
 def _read_kohya(path: Path, tensors: Mapping[str, Any], info: dict[str, Any], found: _Found) -> None:
     groups: dict[str, dict[str, Any]] = {}
-    bundle: dict[str, dict[str, Any]] = {}
+    bundle = _read_bundle(path, tensors, found)
     for key, value in tensors.items():
         if key.startswith(BUNDLE_PREFIX):
-            m = _BUNDLE_KEY.match(key)
-            if m is None:
-                raise ValueError(f"{path}: unknown bundled-embedding key {key!r}")
-            bundle.setdefault(m["word"], {})[m["part"]] = value
             continue
         m = _KOHYA_LAYER.match(key)
         if m is None:
@@ -248,11 +244,23 @@ def _read_kohya(path: Path, tensors: Mapping[str, Any], info: dict[str, Any], fo
         alpha = float(parts["alpha"].item()) if "alpha" in parts else float(rank)
         comp, module = modules[name].split(":", 1)
         found.layers.append(_Layer(comp, module, a, b, alpha))
-    for word, parts in bundle.items():
-        found.embeddings.append((word, _per_encoder(path, parts), {}))
     if groups or info:
         found.info = found.info or info
     found.formats.append("bundle" if bundle else "a1111")
+
+
+def _read_bundle(path: Path, tensors: Mapping[str, Any], found: _Found) -> dict[str, dict[str, Any]]:
+    """The embeddings a LoRA file bundles (``bundle_emb.<word>.<part>``) into ``found``; returns them by word."""
+    bundle: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith(BUNDLE_PREFIX):
+            m = _BUNDLE_KEY.match(key)
+            if m is None:
+                raise ValueError(f"{path}: unknown bundled-embedding key {key!r}")
+            bundle.setdefault(m["word"], {})[m["part"]] = value
+    for word, parts in bundle.items():
+        found.embeddings.append((word, _per_encoder(path, parts), {}))
+    return bundle
 
 
 def _per_encoder(path: Path, parts: Mapping[str, Any]) -> dict[str, Any]:
@@ -302,15 +310,7 @@ def _read_family_lora(path: Path, tensors: Mapping[str, Any], meta: Mapping[str,
         return False
     found.family = family.name
     found.layers += [_Layer(comp, module, a, b, alpha) for comp, module, a, b, alpha in layers]
-    bundle: dict[str, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith(BUNDLE_PREFIX):
-            m = _BUNDLE_KEY.match(key)
-            if m is None:
-                raise ValueError(f"{path}: unknown bundled-embedding key {key!r}")
-            bundle.setdefault(m["word"], {})[m["part"]] = value
-    for word, parts in bundle.items():
-        found.embeddings.append((word, _per_encoder(path, parts), {}))
+    bundle = _read_bundle(path, tensors, found)
     found.info = found.info or info
     found.formats.append("bundle" if bundle else "kohya" if any(k.startswith("lora_unet_") for k in lora)
                          else "diffusers")

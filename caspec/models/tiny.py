@@ -26,9 +26,10 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 TINY_VERSION = 1
 """Bump whenever anything below changes the built weights, configs or tokenizer."""
@@ -300,35 +301,40 @@ def make_clip_tokenizer(pad_token: str | None) -> Any:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TOKENIZER_MAX_LENGTH, **kwargs)
 
 
+@contextmanager
+def seeded_fp32() -> Iterator[Callable[[int], None]]:
+    """Build modules in fp32, each under a seed of its own: yields ``seed(offset)``, which seeds torch with
+    ``TINY_SEED + offset`` before the next module is made. The caller's global RNG state and default dtype
+    are restored afterwards."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        prev_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            yield lambda offset: torch.manual_seed(TINY_SEED + offset)
+        finally:
+            torch.set_default_dtype(prev_dtype)
+
+
 def build_tiny(out: Path, name: str = "tiny") -> None:
     """Build an embedded random model's components into ``out`` (a diffusers ``save_pretrained`` layout)."""
-    import torch
     from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     m = TINY_MODELS[name]
-
-    def seeded(part: str):
-        torch.manual_seed(TINY_SEED + SEED_OFFSETS[part])
-
-    # never disturb the caller's global RNG state
-    with torch.random.fork_rng(devices=[]):
-        prev_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float32)
-        try:
-            seeded("unet")
-            unet = UNet2DConditionModel(**m.unet)
-            seeded("vae")
-            vae = AutoencoderKL(**VAE_CONFIG)
-            seeded("text_encoder")
-            text_encoder = CLIPTextModel(CLIPTextConfig(**m.text_encoder))
-            text_encoder_2 = None
-            if m.text_encoder_2 is not None:
-                torch.manual_seed(TINY_SEED + SEED_OFFSETS["text_encoder"] + 1)
-                text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**m.text_encoder_2))
-        finally:
-            torch.set_default_dtype(prev_dtype)
+    with seeded_fp32() as seed:
+        seed(SEED_OFFSETS["unet"])
+        unet = UNet2DConditionModel(**m.unet)
+        seed(SEED_OFFSETS["vae"])
+        vae = AutoencoderKL(**VAE_CONFIG)
+        seed(SEED_OFFSETS["text_encoder"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**m.text_encoder))
+        text_encoder_2 = None
+        if m.text_encoder_2 is not None:
+            seed(SEED_OFFSETS["text_encoder"] + 1)
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**m.text_encoder_2))
 
     scheduler = DDIMScheduler(**m.scheduler)
     tokenizer = make_clip_tokenizer(m.pad_token)

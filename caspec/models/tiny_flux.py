@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .tiny import (IDENTITY_FILE, TEXT_CONFIG, TINY_SEED, build_atomically, cache_root, make_clip_tokenizer,
-                   package_version, write_clip_vocab)
+                   package_version, seeded_fp32, write_clip_vocab)
 
 TINY_FLUX_VERSION = 1
 """Bump whenever anything below changes the built weights, configs or tokenizers."""
@@ -246,29 +246,19 @@ def clip_tokenizer() -> Any:
 
 def build_components(name: str = "tiny-flux") -> dict[str, Any]:
     """The model's components, built from their seeds (fp32, CPU), as ``FluxPipeline(**components)`` takes them."""
-    import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     m = TINY_FLUX_MODELS[name]
-
-    def seeded(part: str) -> None:
-        torch.manual_seed(TINY_SEED + SEED_OFFSETS[part])
-
-    with torch.random.fork_rng(devices=[]):  # never disturb the caller's global RNG state
-        prev_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float32)
-        try:
-            seeded("transformer")
-            transformer = FluxTransformer2DModel(**m.transformer)
-            seeded("vae")
-            vae = AutoencoderKL(**VAE_CONFIG)
-            seeded("text_encoder")
-            text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_CONFIG))
-            seeded("text_encoder_2")
-            text_encoder_2 = T5EncoderModel(T5Config(**T5_CONFIG))
-        finally:
-            torch.set_default_dtype(prev_dtype)
+    with seeded_fp32() as seed:
+        seed(SEED_OFFSETS["transformer"])
+        transformer = FluxTransformer2DModel(**m.transformer)
+        seed(SEED_OFFSETS["vae"])
+        vae = AutoencoderKL(**VAE_CONFIG)
+        seed(SEED_OFFSETS["text_encoder"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_CONFIG))
+        seed(SEED_OFFSETS["text_encoder_2"])
+        text_encoder_2 = T5EncoderModel(T5Config(**T5_CONFIG))
     for module in (transformer, vae, text_encoder, text_encoder_2):
         module.eval()
     return dict(scheduler=FlowMatchEulerDiscreteScheduler(**m.scheduler), vae=vae, text_encoder=text_encoder,

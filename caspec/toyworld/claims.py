@@ -261,15 +261,21 @@ MIXES3 = {  # three assets: "a <hue> <size> <spot>" -> the spot's place, hue 0.7
 }
 
 
+def three_attribute_hits(rows: list[Any]) -> dict[str, list[bool]]:
+    """Per reading (None: unreadable), whether each attribute of the three-asset experiments is exact: the
+    spot's place, the hue, the size, and a square."""
+    return {"place": [r is not None and attribute_error("spot", r) <= PLACE_WITHIN for r in rows],
+            "hue": [r is not None and hue_distance(r.hue, HUE.hue) <= HUE_WITHIN for r in rows],
+            "size": [r is not None and abs(r.size - SIZE.size) <= SIZE_WITHIN for r in rows],
+            "square": [r is not None and r.shape == "square" for r in rows]}
+
+
 def part2_three(loaded: Any, store: Any) -> dict[str, Any]:
     """Three assets in one prompt: how often each attribute, and all of them at once, is exact."""
     out = {}
     for sid, rule in MIXES3.items():
         rows = [r for r, _ in reads(step_images(loaded, store, sid))]
-        hits = {"place": [r is not None and attribute_error("spot", r) <= PLACE_WITHIN for r in rows],
-                "hue": [r is not None and hue_distance(r.hue, HUE.hue) <= HUE_WITHIN for r in rows],
-                "size": [r is not None and abs(r.size - SIZE.size) <= SIZE_WITHIN for r in rows],
-                "square": [r is not None and r.shape == "square" for r in rows]}
+        hits = three_attribute_hits(rows)
         every = [all(h) for h in zip(*hits.values())]
         out[sid] = {"rule": rule, "images": len(rows), "all": float(np.mean(every)),
                     **{k: float(np.mean(v)) for k, v in hits.items()},

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .claims import HUE_WITHIN, PLACE_WITHIN, SIZE_WITHIN, reads, step_images
-from .experiment import HUE, SIZE, attribute_error, hue_distance
+from .claims import HUE_WITHIN, PLACE_WITHIN, reads, step_images, three_attribute_hits
+from .experiment import HUE, attribute_error, hue_distance
 
 TWO = ("none", "w86", "w70", "w60", "w45", "auto", "hueoff", "spotoff", "aug8", "aug4p2", "aug4p2-w60")
 TWO_NAMES = {"none": "paper's rule (0.8 / 0.5), no options", "w86": "hue window [0, 0.86]",
@@ -68,10 +68,7 @@ def three_assets(loaded: Any, store: Any) -> dict[str, dict[str, Any]]:
     out = {}
     for sid, rule in THREE.items():
         rows = [r for r, _ in reads(step_images(loaded, store, sid))]
-        hits = {"place": [r is not None and attribute_error("spot", r) <= PLACE_WITHIN for r in rows],
-                "hue": [r is not None and hue_distance(r.hue, HUE.hue) <= HUE_WITHIN for r in rows],
-                "size": [r is not None and abs(r.size - SIZE.size) <= SIZE_WITHIN for r in rows],
-                "square": [r is not None and r.shape == "square" for r in rows]}
+        hits = three_attribute_hits(rows)
         every = [all(h) for h in zip(*hits.values())]
         centre = [r is not None and math.hypot(r.x - HUE.x, r.y - HUE.y) <= PLACE_WITHIN for r in rows]
         out[sid] = {"rule": rule, "images": len(rows), "all": float(np.mean(every)), "all_count": int(sum(every)),
